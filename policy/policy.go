@@ -1,0 +1,135 @@
+// Package policy loads the YAML policy (listeners, apps, access points,
+// destinations), validates it with file and line positions, and makes the
+// pure decisions of a connection: which app a client is and which access
+// points may carry its connection. It does no I/O beyond reading the file.
+package policy
+
+import (
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// DefaultInterface is the interface name that means "whichever interface
+// holds the default route when dialling", with no binding.
+const DefaultInterface = "default"
+
+// Policy is a loaded, validated policy. It is immutable after Load returns
+// and safe for concurrent use.
+type Policy struct {
+	Path      string // file it was loaded from
+	Hash      string // hex SHA-256 of the file contents
+	Listeners []*Listener
+
+	Apps         map[string]*App
+	AccessPoints map[string]*AccessPoint
+	Destinations map[string]*Destination
+
+	// AccessPointOrder lists the access points in file order, so that
+	// routing table and mark numbers are stable across runs.
+	AccessPointOrder []*AccessPoint
+}
+
+// Protocol is the protocol a listener speaks.
+type Protocol uint8
+
+// Listener protocols.
+const (
+	ProtocolSOCKS5 Protocol = iota + 1
+	ProtocolHTTP
+	ProtocolMixed // SOCKS5 or HTTP, told apart by the first byte
+)
+
+func (p Protocol) String() string {
+	switch p {
+	case ProtocolSOCKS5:
+		return "socks5"
+	case ProtocolHTTP:
+		return "http"
+	case ProtocolMixed:
+		return "mixed"
+	}
+	return "unknown"
+}
+
+// Listener is an address iapd accepts on. Exactly one of App and Users is
+// set: App when the port identifies the app, Users when credentials do.
+type Listener struct {
+	Listen   string // host:port as written in the policy
+	Protocol Protocol
+	App      *App
+	Users    map[string]*User
+}
+
+// HasUsers reports whether clients of l identify themselves by credentials.
+func (l *Listener) HasUsers() bool { return len(l.Users) > 0 }
+
+// User is one set of credentials on a listener and the app it identifies.
+type User struct {
+	Name string
+	App  *App
+
+	secret secret // see password.go
+}
+
+// App is one client application and the destination its connections use.
+// A static access point binding is a Destination of one, marked Implicit.
+type App struct {
+	Name        string
+	Destination *Destination
+}
+
+// AccessPoint is one way out: an interface with its own DNS servers.
+type AccessPoint struct {
+	Name      string
+	Interface string // interface name, or DefaultInterface
+
+	DNS         []netip.AddrPort // servers, port 53 unless written; empty when SystemDNS
+	SystemDNS   bool             // dns: system, only with interface: default
+	Search      []string         // search domains, without a trailing dot
+	DNSTimeouts []time.Duration  // wait before asking the next server; default 1s, 2s, 4s, 8s
+
+	Gateways []netip.Addr // next-hop routers from the policy, at most one per family
+	Sources  []netip.Addr // source addresses from the policy, at most one per family
+
+	Index int // position in AccessPointOrder
+}
+
+// IsDefault reports whether ap follows the default route instead of
+// binding to a named interface.
+func (ap *AccessPoint) IsDefault() bool { return ap.Interface == DefaultInterface }
+
+// Gateway returns the configured gateway of the family of v6, if any.
+func (ap *AccessPoint) Gateway(v6 bool) (netip.Addr, bool) { return pickFamily(ap.Gateways, v6) }
+
+// Source returns the configured source address of the family of v6, if any.
+func (ap *AccessPoint) Source(v6 bool) (netip.Addr, bool) { return pickFamily(ap.Sources, v6) }
+
+func pickFamily(addrs []netip.Addr, v6 bool) (netip.Addr, bool) {
+	for _, a := range addrs {
+		if a.Unmap().Is6() == v6 {
+			return a, true
+		}
+	}
+	return netip.Addr{}, false
+}
+
+// Destination is an ordered group of access points that reach the same
+// network. Implicit destinations are made from an app's access_point.
+type Destination struct {
+	Name         string
+	AccessPoints []*AccessPoint
+	Implicit     bool
+}
+
+// Errors that callers branch on.
+var (
+	// ErrCredentialsRequired means the listener identifies apps by
+	// credentials and the client sent none.
+	ErrCredentialsRequired = errors.New("policy: credentials required")
+	// ErrBadCredentials means the user name is unknown or the password wrong.
+	ErrBadCredentials = errors.New("policy: invalid user name or password")
+	// ErrNoUsableAccessPoint means no access point of the destination can
+	// carry a connection now.
+	ErrNoUsableAccessPoint = errors.New("policy: no usable access point")
+)
