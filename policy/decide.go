@@ -26,7 +26,7 @@ func (l *Listener) Identify(user, password string, hasCredentials bool) (*App, e
 	if !ok {
 		// Spend the time of a real check, so that a client cannot tell
 		// unknown users from wrong passwords by the reply time.
-		dummySecret.check(password)
+		l.unknownUserSecret().check(password)
 		return nil, ErrBadCredentials
 	}
 	if !u.CheckPassword(password) {

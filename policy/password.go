@@ -21,6 +21,21 @@ type secret struct {
 // time as a wrong password.
 var dummySecret = &secret{hash: []byte("$2a$10$7EqJtq98hPqEX7fNZaFWoOHiA4fJ9jPS8kPpY/0JrQcqeZ7XqxWnu")}
 
+// plainDummySecret replaces dummySecret for unknown user names on a listener whose
+// users all have plain passwords from the environment. There a wrong
+// password costs no bcrypt run, so dummySecret would make unknown user
+// names the slow case and give them away by the reply time.
+var plainDummySecret = &secret{plain: []byte("iapd-no-such-user")}
+
+// unknownUserSecret returns the secret that Identify checks for an unknown
+// user name, which costs as much time as l's users' own checks.
+func (l *Listener) unknownUserSecret() *secret {
+	if l.unknownUser != nil {
+		return l.unknownUser
+	}
+	return dummySecret
+}
+
 // CheckPassword reports whether password is u's password, comparing in
 // constant time.
 func (u *User) CheckPassword(password string) bool {

@@ -28,6 +28,17 @@ type Policy struct {
 	// AccessPointOrder lists the access points in file order, so that
 	// routing table and mark numbers are stable across runs.
 	AccessPointOrder []*AccessPoint
+
+	Routing Routing
+}
+
+// Routing holds the numbers of the routing tables, firewall marks and rules
+// that iapd installs for access points bound to an interface. Access point
+// i (its Index) uses table Table+i and mark Mark+i.
+type Routing struct {
+	Table        int    // first routing table number; default 18100
+	Mark         uint32 // first firewall mark; default 0x1a900
+	RulePriority int    // priority of iapd's rules; default 18100, ahead of the main table's 32766
 }
 
 // Protocol is the protocol a listener speaks.
@@ -59,6 +70,10 @@ type Listener struct {
 	Protocol Protocol
 	App      *App
 	Users    map[string]*User
+
+	// unknownUser is checked in place of a password when the user name is
+	// unknown; nil means dummySecret. See (*Listener).unknownUserSecret.
+	unknownUser *secret
 }
 
 // HasUsers reports whether clients of l identify themselves by credentials.

@@ -1,0 +1,266 @@
+package policy
+
+import (
+	"errors"
+	"testing"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+// identifyPolicy has a port listener and a credential listener with one
+// bcrypt user and one environment user.
+func identifyPolicy(t *testing.T) *Policy {
+	t.Helper()
+	// The lowest cost keeps the test fast; the cost does not change what
+	// CheckPassword accepts.
+	hash, err := bcrypt.GenerateFromPassword([]byte("alice-password"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	setEnv(t, map[string]string{"IAPD_BOB": "bob-password"})
+	p, err := Parse("identify.yaml", []byte(`
+listeners:
+  - listen: "127.0.0.1:0"
+    app: browser
+  - listen: "127.0.0.1:0"
+    users:
+      - name: alice
+        password_hash: "`+string(hash)+`"
+        app: mail
+      - name: bob
+        password_env: IAPD_BOB
+        app: browser
+apps:
+  browser: {access_point: host}
+  mail: {access_point: host}
+access_points:
+  host: {interface: default, dns: system}
+`))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	return p
+}
+
+func TestListenerIdentify(t *testing.T) {
+	p := identifyPolicy(t)
+	port, creds := p.Listeners[0], p.Listeners[1]
+
+	tests := []struct {
+		name     string
+		listener *Listener
+		user     string
+		password string
+		hasCreds bool
+		wantApp  string
+		wantErr  error
+	}{
+		{name: "port listener without credentials", listener: port, wantApp: "browser"},
+		{name: "port listener ignores credentials", listener: port, user: "alice", password: "wrong", hasCreds: true, wantApp: "browser"},
+		{name: "bcrypt user right password", listener: creds, user: "alice", password: "alice-password", hasCreds: true, wantApp: "mail"},
+		{name: "bcrypt user right password again", listener: creds, user: "alice", password: "alice-password", hasCreds: true, wantApp: "mail"},
+		{name: "bcrypt user wrong password", listener: creds, user: "alice", password: "bob-password", hasCreds: true, wantErr: ErrBadCredentials},
+		{name: "bcrypt user empty password", listener: creds, user: "alice", password: "", hasCreds: true, wantErr: ErrBadCredentials},
+		{name: "env user right password", listener: creds, user: "bob", password: "bob-password", hasCreds: true, wantApp: "browser"},
+		{name: "env user wrong password", listener: creds, user: "bob", password: "bob-passwor", hasCreds: true, wantErr: ErrBadCredentials},
+		{name: "env user password prefix", listener: creds, user: "bob", password: "bob-password-and-more", hasCreds: true, wantErr: ErrBadCredentials},
+		{name: "unknown user", listener: creds, user: "carol", password: "bob-password", hasCreds: true, wantErr: ErrBadCredentials},
+		{name: "user names are case sensitive", listener: creds, user: "Alice", password: "alice-password", hasCreds: true, wantErr: ErrBadCredentials},
+		{name: "empty user name", listener: creds, user: "", password: "", hasCreds: true, wantErr: ErrBadCredentials},
+		{name: "no credentials", listener: creds, wantErr: ErrCredentialsRequired},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			app, err := tt.listener.Identify(tt.user, tt.password, tt.hasCreds)
+			if tt.wantErr != nil {
+				if !errors.Is(err, tt.wantErr) {
+					t.Fatalf("Identify error = %v, want %v", err, tt.wantErr)
+				}
+				if app != nil {
+					t.Errorf("Identify returned app %q with an error", app.Name)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Identify: %v", err)
+			}
+			if app != p.Apps[tt.wantApp] {
+				t.Errorf("app = %v, want %s", app, tt.wantApp)
+			}
+		})
+	}
+}
+
+func TestErrorTexts(t *testing.T) {
+	tests := []struct {
+		name string
+		err  error
+		want string
+	}{
+		{"credentials required", ErrCredentialsRequired, "policy: credentials required"},
+		{"bad credentials", ErrBadCredentials, "policy: invalid user name or password"},
+		{"no usable access point", ErrNoUsableAccessPoint, "policy: no usable access point"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.err.Error() != tt.want {
+				t.Errorf("Error() = %q, want %q", tt.err.Error(), tt.want)
+			}
+		})
+	}
+}
+
+// mapUsability is a Usability over a fixed table: access points missing
+// from it are usable.
+type mapUsability map[string]string
+
+func (m mapUsability) Usable(ap *AccessPoint) (bool, string) {
+	reason, down := m[ap.Name]
+	return !down, reason
+}
+
+func TestNewPlan(t *testing.T) {
+	setEnv(t, nil)
+	p, err := Parse("plan.yaml", []byte(`
+listeners:
+  - listen: "127.0.0.1:0"
+    app: browser
+apps:
+  browser: {destination: internet}
+  mms: {access_point: cell}
+access_points:
+  wifi: {interface: wlan0, dns: [192.0.2.53]}
+  cell: {interface: wwan0, dns: [198.51.100.53]}
+  host: {interface: default, dns: system}
+destinations:
+  internet:
+    access_points: [cell, wifi, host]
+`))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+
+	tests := []struct {
+		name           string
+		app            string
+		down           mapUsability
+		wantCandidates []string
+		wantUnusable   []string
+		wantErr        string
+	}{
+		{
+			name:           "all usable in destination order",
+			app:            "browser",
+			wantCandidates: []string{"cell", "wifi", "host"},
+		},
+		{
+			name:           "first down",
+			app:            "browser",
+			down:           mapUsability{"cell": "interface wwan0 is down"},
+			wantCandidates: []string{"wifi", "host"},
+			wantUnusable:   []string{"cell: interface wwan0 is down"},
+		},
+		{
+			name:           "only last usable",
+			app:            "browser",
+			down:           mapUsability{"cell": "interface wwan0 is down", "wifi": "no IPv4 address"},
+			wantCandidates: []string{"host"},
+			wantUnusable:   []string{"cell: interface wwan0 is down", "wifi: no IPv4 address"},
+		},
+		{
+			name:         "none usable",
+			app:          "browser",
+			down:         mapUsability{"cell": "interface wwan0 is down", "wifi": "no IPv4 address", "host": "no default route"},
+			wantUnusable: []string{"cell: interface wwan0 is down", "wifi: no IPv4 address", "host: no default route"},
+			wantErr:      `destination "internet": policy: no usable access point (cell: interface wwan0 is down; wifi: no IPv4 address; host: no default route)`,
+		},
+		{
+			name:           "implicit destination usable",
+			app:            "mms",
+			down:           mapUsability{"wifi": "no IPv4 address"},
+			wantCandidates: []string{"cell"},
+		},
+		{
+			name:         "implicit destination down",
+			app:          "mms",
+			down:         mapUsability{"cell": "health probe failed"},
+			wantUnusable: []string{"cell: health probe failed"},
+			wantErr:      `destination "cell": policy: no usable access point (cell: health probe failed)`,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			app := p.Apps[tt.app]
+			plan := NewPlan(app, "example.com:443", tt.down)
+
+			if plan.App != app || plan.Destination != app.Destination {
+				t.Errorf("plan app %v destination %v, want %s and its destination", plan.App, plan.Destination, tt.app)
+			}
+			if got := names(plan.Candidates); !equalStrings(got, tt.wantCandidates) {
+				t.Errorf("candidates = %v, want %v", got, tt.wantCandidates)
+			}
+			var unusable []string
+			for _, u := range plan.Unusable {
+				unusable = append(unusable, u.AccessPoint.Name+": "+u.Reason)
+			}
+			if !equalStrings(unusable, tt.wantUnusable) {
+				t.Errorf("unusable = %v, want %v", unusable, tt.wantUnusable)
+			}
+
+			err := plan.Err()
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Errorf("Err() = %v, want nil", err)
+				}
+				return
+			}
+			if err == nil || err.Error() != tt.wantErr {
+				t.Errorf("Err() = %v, want %s", err, tt.wantErr)
+			}
+			if !errors.Is(err, ErrNoUsableAccessPoint) {
+				t.Errorf("Err() does not wrap ErrNoUsableAccessPoint")
+			}
+		})
+	}
+}
+
+// equalStrings compares two lists, treating nil and empty as equal.
+func equalStrings(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// TestUnknownUserSecret checks that unknown user names cost a bcrypt run
+// only where a real user's check does.
+func TestUnknownUserSecret(t *testing.T) {
+	p := identifyPolicy(t)
+	if got := p.Listeners[1].unknownUserSecret(); got != dummySecret {
+		t.Errorf("listener with a bcrypt user: unknown users checked against %p, want dummySecret", got)
+	}
+
+	setEnv(t, map[string]string{"IAPD_BOB": "bob-password"})
+	plain, err := Parse("plain.yaml", []byte(`
+listeners:
+  - listen: "127.0.0.1:0"
+    users: [{name: bob, password_env: IAPD_BOB, app: browser}]
+apps: {browser: {access_point: host}}
+access_points: {host: {interface: default, dns: system}}
+`))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	l := plain.Listeners[0]
+	if got := l.unknownUserSecret(); got != plainDummySecret {
+		t.Errorf("listener with only env users: unknown users checked against %p, want plainDummySecret", got)
+	}
+	if _, err := l.Identify("carol", "bob-password", true); !errors.Is(err, ErrBadCredentials) {
+		t.Errorf("Identify(unknown user) error = %v, want ErrBadCredentials", err)
+	}
+}

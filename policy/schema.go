@@ -1,0 +1,592 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// This file contains the raw schema: types that mirror the YAML keys one to
+// one and remember where each value was written. Each decodes itself from a
+// yaml.Node and checks only what it can see alone (kinds, syntax,
+// presence). It reports problems with paths relative to itself. compile.go
+// then resolves names into runtime types, and validate.go makes the
+// cross-checks.
+
+// rawPolicy is the whole policy file, a map with these keys.
+type rawPolicy struct {
+	// Listeners (key listeners, required) are the addresses iapd accepts
+	// on: a non-empty list of listeners.
+	Listeners []*rawListener
+	// Apps (key apps, required) map an app name to its binding. Names use
+	// only letters, digits, '.', '_' and '-'.
+	Apps []*rawApp
+	// AccessPoints (key access_points, required) map an access point name
+	// to the interface and DNS servers it uses. Names as for apps.
+	AccessPoints []*rawAccessPoint
+	// Destinations (key destinations, optional) map a destination name to
+	// its ordered access points. Names as for apps.
+	Destinations []*rawDestination
+	// Routing (key routing, optional) sets the numbers of iapd's own
+	// routing tables, firewall marks and rules; all have defaults.
+	Routing rawRouting
+
+	listenersPos position // of the listeners value; zero when absent
+	pos          position
+}
+
+var policyKeys = []string{"listeners", "apps", "access_points", "destinations", "routing"}
+
+func (p *rawPolicy) UnmarshalYAML(n *yaml.Node) error {
+	var errs ErrorList
+	p.pos = posOf(n)
+	if !expectKind(&errs, "", n, yaml.MappingNode, "a map (keys: "+strings.Join(policyKeys, ", ")+")") {
+		return errs.err()
+	}
+
+	p.Routing = rawRouting{Table: defaultTable, Mark: defaultMark, Priority: defaultPriority}
+	var hasApps, hasAccessPoints bool
+	eachField(&errs, n, policyKeys, func(key string, v *yaml.Node) {
+		switch key {
+		case "listeners":
+			p.listenersPos = posOf(v)
+			if !expectKind(&errs, key, v, yaml.SequenceNode, "a list of listeners") {
+				return
+			}
+			if len(v.Content) == 0 {
+				errs.add(posOf(v), key, "empty list, at least one listener is required")
+			}
+			for i, item := range v.Content {
+				l := &rawListener{}
+				errs.merge(fmt.Sprintf("listeners[%d]", i), l.UnmarshalYAML(resolve(item)))
+				p.Listeners = append(p.Listeners, l)
+			}
+		case "apps":
+			hasApps = true
+			for _, e := range decodeNamedMap(&errs, key, v, "apps") {
+				a := &rawApp{Name: e.Name, NamePos: e.Pos}
+				errs.merge(key+"."+e.Name, a.UnmarshalYAML(e.Value))
+				p.Apps = append(p.Apps, a)
+			}
+		case "access_points":
+			hasAccessPoints = true
+			for _, e := range decodeNamedMap(&errs, key, v, "access points") {
+				ap := &rawAccessPoint{Name: e.Name, NamePos: e.Pos}
+				errs.merge(key+"."+e.Name, ap.UnmarshalYAML(e.Value))
+				p.AccessPoints = append(p.AccessPoints, ap)
+			}
+		case "destinations":
+			for _, e := range decodeNamedMap(&errs, key, v, "destinations") {
+				d := &rawDestination{Name: e.Name, NamePos: e.Pos}
+				errs.merge(key+"."+e.Name, d.UnmarshalYAML(e.Value))
+				p.Destinations = append(p.Destinations, d)
+			}
+		case "routing":
+			errs.merge(key, p.Routing.UnmarshalYAML(v))
+		}
+	})
+
+	if !p.listenersPos.IsSet() {
+		errs.add(p.pos, "", "missing listeners")
+	}
+	if !hasApps {
+		errs.add(p.pos, "", "missing apps")
+	}
+	if !hasAccessPoints {
+		errs.add(p.pos, "", "missing access_points")
+	}
+	return errs.err()
+}
+
+// decodeNamedMap checks that n is a map of named entries and returns them.
+// Errors carry key as their path prefix.
+func decodeNamedMap(errs *ErrorList, key string, n *yaml.Node, entries string) []namedEntry {
+	var local ErrorList
+	defer func() { errs.merge(key, local.err()) }()
+	if !expectKind(&local, "", n, yaml.MappingNode, "a map of "+entries+" by name") {
+		return nil
+	}
+	return eachNamed(&local, n)
+}
+
+// rawListener is one entry of listeners.
+type rawListener struct {
+	// Listen (key listen, required) is the TCP address to accept on, as
+	// "host:port". host is an IP literal, "localhost" (127.0.0.1) or empty
+	// for all addresses; port is 0 to 65535, where 0 lets the kernel pick
+	// one. Two listeners must not share a host and non-zero port.
+	Listen text
+	// Protocol (key protocol, optional) is socks5, http or mixed. A mixed
+	// listener recognises SOCKS5 or HTTP by the first byte the client
+	// sends. Default mixed.
+	Protocol text
+	// App (key app) names the app of every client of this listener: the
+	// port identifies the app. Exactly one of app and users is required.
+	App text
+	// Users (key users) identify the app by the credentials a client
+	// sends: a non-empty list of users. Exactly one of app and users is
+	// required.
+	Users []*rawUser
+
+	listenAddr netip.Addr // parsed host; invalid for an empty host
+	listenPort uint16
+	listenOK   bool // Listen parsed
+	protocol   Protocol
+	usersPos   position // of the users value; zero when absent
+	pos        position
+}
+
+var listenerKeys = []string{"listen", "protocol", "app", "users"}
+
+func (l *rawListener) UnmarshalYAML(n *yaml.Node) error {
+	var errs ErrorList
+	l.pos = posOf(n)
+	l.protocol = ProtocolMixed
+	if !expectKind(&errs, "", n, yaml.MappingNode, "a map (keys: "+strings.Join(listenerKeys, ", ")+")") {
+		return errs.err()
+	}
+
+	eachField(&errs, n, listenerKeys, func(key string, v *yaml.Node) {
+		switch key {
+		case "listen":
+			l.Listen = decodeText(&errs, key, v)
+			if l.Listen.IsSet() {
+				l.listenAddr, l.listenPort, l.listenOK = parseListen(&errs, key, l.Listen)
+			}
+		case "protocol":
+			l.Protocol = decodeText(&errs, key, v)
+			if l.Protocol.IsSet() {
+				l.protocol = parseProtocol(&errs, key, l.Protocol)
+			}
+		case "app":
+			l.App = decodeText(&errs, key, v)
+		case "users":
+			l.usersPos = posOf(v)
+			if !expectKind(&errs, key, v, yaml.SequenceNode, "a list of users") {
+				return
+			}
+			if len(v.Content) == 0 {
+				errs.add(posOf(v), key, "empty list, at least one user is required")
+			}
+			for i, item := range v.Content {
+				u := &rawUser{}
+				errs.merge(fmt.Sprintf("users[%d]", i), u.UnmarshalYAML(resolve(item)))
+				l.Users = append(l.Users, u)
+			}
+		}
+	})
+
+	if !l.Listen.IsSet() && !hasError(errs, "listen") {
+		errs.add(l.pos, "", "missing listen")
+	}
+	switch {
+	case l.App.IsSet() && l.usersPos.IsSet():
+		errs.add(later(l.App.Pos, l.usersPos), "", "both app and users given, a listener needs exactly one")
+	case !l.App.IsSet() && !l.usersPos.IsSet() && !hasError(errs, "app") && !hasError(errs, "users"):
+		errs.add(l.pos, "", "missing app or users (the port identifies the app, or credentials do)")
+	}
+	return errs.err()
+}
+
+// hasError reports whether errs already holds a problem at path, so that
+// a value of the wrong kind is not reported a second time as missing.
+func hasError(errs ErrorList, path string) bool {
+	for _, e := range errs {
+		if e.Path == path {
+			return true
+		}
+	}
+	return false
+}
+
+// later returns whichever of a and b comes later in the file.
+func later(a, b position) position {
+	if b.Line > a.Line || b.Line == a.Line && b.Column > a.Column {
+		return b
+	}
+	return a
+}
+
+// rawUser is one entry of a listener's users.
+type rawUser struct {
+	// Name (key name, required) is the user name a client sends: 1 to 255
+	// bytes (the SOCKS5 limit), unique within the listener. It must not
+	// contain ':', because HTTP Basic authentication splits at the first
+	// colon, nor '+', which is reserved for choosing an access point per
+	// connection, nor spaces or control characters.
+	Name text
+	// PasswordHash (key password_hash) is a bcrypt hash of the password,
+	// as made by htpasswd -B or golang.org/x/crypto/bcrypt; quote it in
+	// YAML. Exactly one of password_hash and password_env is required.
+	PasswordHash text
+	// PasswordEnv (key password_env) names an environment variable that
+	// holds the plain password. It must be set and non-empty when the
+	// policy is loaded; the value is read once, at load. Exactly one of
+	// password_hash and password_env is required.
+	PasswordEnv text
+	// App (key app, required) names the app that these credentials
+	// identify.
+	App text
+
+	pos position
+}
+
+var userKeys = []string{"name", "password_hash", "password_env", "app"}
+
+func (u *rawUser) UnmarshalYAML(n *yaml.Node) error {
+	var errs ErrorList
+	u.pos = posOf(n)
+	if !expectKind(&errs, "", n, yaml.MappingNode, "a map (keys: "+strings.Join(userKeys, ", ")+")") {
+		return errs.err()
+	}
+
+	eachField(&errs, n, userKeys, func(key string, v *yaml.Node) {
+		switch key {
+		case "name":
+			u.Name = decodeText(&errs, key, v)
+			if u.Name.IsSet() {
+				if msg := checkUserName(u.Name.Value); msg != "" {
+					errs.add(u.Name.Pos, key, "invalid user name %q: %s", u.Name.Value, msg)
+				}
+			}
+		case "password_hash":
+			u.PasswordHash = decodeText(&errs, key, v)
+		case "password_env":
+			u.PasswordEnv = decodeText(&errs, key, v)
+			if u.PasswordEnv.IsSet() && !isEnvName(u.PasswordEnv.Value) {
+				errs.add(u.PasswordEnv.Pos, key, "invalid environment variable name %q", u.PasswordEnv.Value)
+			}
+		case "app":
+			u.App = decodeText(&errs, key, v)
+		}
+	})
+
+	if !u.Name.IsSet() && !hasError(errs, "name") {
+		errs.add(u.pos, "", "missing name")
+	}
+	switch {
+	case u.PasswordHash.IsSet() && u.PasswordEnv.IsSet():
+		errs.add(later(u.PasswordHash.Pos, u.PasswordEnv.Pos), "", "both password_hash and password_env given, use exactly one")
+	case !u.PasswordHash.IsSet() && !u.PasswordEnv.IsSet() && !hasError(errs, "password_hash") && !hasError(errs, "password_env"):
+		errs.add(u.pos, "", "missing password_hash or password_env")
+	}
+	if !u.App.IsSet() && !hasError(errs, "app") {
+		errs.add(u.pos, "", "missing app")
+	}
+	return errs.err()
+}
+
+// rawApp is one entry of apps.
+type rawApp struct {
+	Name    string
+	NamePos position
+
+	// AccessPoint (key access_point) binds the app to one access point: a
+	// destination of one, named after the access point. Exactly one of
+	// access_point and destination is required.
+	AccessPoint text
+	// Destination (key destination) names the destination whose access
+	// points the app's connections use. Exactly one of access_point and
+	// destination is required.
+	Destination text
+
+	pos position
+}
+
+var appKeys = []string{"access_point", "destination"}
+
+func (a *rawApp) UnmarshalYAML(n *yaml.Node) error {
+	var errs ErrorList
+	a.pos = posOf(n)
+	if !expectKind(&errs, "", n, yaml.MappingNode, "a map (keys: "+strings.Join(appKeys, ", ")+")") {
+		return errs.err()
+	}
+
+	eachField(&errs, n, appKeys, func(key string, v *yaml.Node) {
+		switch key {
+		case "access_point":
+			a.AccessPoint = decodeText(&errs, key, v)
+		case "destination":
+			a.Destination = decodeText(&errs, key, v)
+		}
+	})
+
+	switch {
+	case a.AccessPoint.IsSet() && a.Destination.IsSet():
+		errs.add(later(a.AccessPoint.Pos, a.Destination.Pos), "", "both access_point and destination given, an app needs exactly one")
+	case !a.AccessPoint.IsSet() && !a.Destination.IsSet() && len(errs) == 0:
+		errs.add(a.pos, "", "missing access_point or destination")
+	}
+	return errs.err()
+}
+
+// rawAccessPoint is one entry of access_points.
+type rawAccessPoint struct {
+	Name    string
+	NamePos position
+
+	// Interface (key interface, required) is the network interface that
+	// connections and DNS queries leave through. It is a Linux interface
+	// name (1 to 15 bytes, no '/', ':' or whitespace, not "." or ".."), or
+	// "default" for whichever interface holds the default route when
+	// dialling, with no binding.
+	Interface text
+	// DNS (key dns, required) lists the DNS servers to ask, in order: each
+	// an IP address with an optional port (192.0.2.53, 2001:db8::53,
+	// 192.0.2.54:5353, [2001:db8::53]:53), port 53 unless given. An IPv6
+	// link-local server takes its zone from a named interface
+	// (fe80::1%wlan0). The string "system" uses the host's resolver and is
+	// allowed only with interface: default.
+	DNS []dnsServer
+	// Search (key search, optional) lists search domains appended to
+	// single-label names, like corp.example. A trailing dot is dropped.
+	// Not allowed with dns: system, whose search list comes from the host.
+	Search []text
+	// DNSTimeouts (key dns_timeouts, optional) are the waits before asking
+	// the next server, as Go durations (500ms, 2s), each above zero.
+	// Default [1s, 2s, 4s, 8s]. Not allowed with dns: system.
+	DNSTimeouts []duration
+	// Gateway (key gateway, optional) lists the next-hop routers on the
+	// interface, at most one IPv4 and one IPv6 address. Default: the
+	// gateway of the routes the system already has on the interface. Not
+	// allowed with interface: default.
+	Gateway []address
+	// Source (key source, optional) lists the source addresses for
+	// upstream connections, at most one IPv4 and one IPv6 address. Default:
+	// an address of the interface. Not allowed with interface: default.
+	Source []address
+
+	dnsSystem   position // of dns: system; zero otherwise
+	dnsPos      position // of the dns value; zero when absent
+	timeoutsPos position // of the dns_timeouts value; zero when absent
+	searchPos   position // of the search value; zero when absent
+	gatewayPos  position // of the gateway value; zero when absent
+	sourcePos   position // of the source value; zero when absent
+	pos         position
+}
+
+// dnsServer is one valid entry of an access point's dns list.
+type dnsServer struct {
+	Addr  netip.AddrPort
+	Text  string // as written
+	Index int    // in the dns list
+	Pos   position
+}
+
+// duration is one entry of dns_timeouts.
+type duration struct {
+	Value time.Duration
+	Pos   position
+}
+
+// address is one valid entry of gateway or source.
+type address struct {
+	Addr  netip.Addr
+	Index int // in the list
+	Pos   position
+}
+
+var accessPointKeys = []string{"interface", "dns", "search", "dns_timeouts", "gateway", "source"}
+
+func (ap *rawAccessPoint) UnmarshalYAML(n *yaml.Node) error {
+	var errs ErrorList
+	ap.pos = posOf(n)
+	if !expectKind(&errs, "", n, yaml.MappingNode, "a map (keys: "+strings.Join(accessPointKeys, ", ")+")") {
+		return errs.err()
+	}
+
+	eachField(&errs, n, accessPointKeys, func(key string, v *yaml.Node) {
+		switch key {
+		case "interface":
+			ap.Interface = decodeText(&errs, key, v)
+			if ap.Interface.IsSet() {
+				if msg := checkInterfaceName(ap.Interface.Value); msg != "" {
+					errs.add(ap.Interface.Pos, key, "invalid interface name %q: %s", ap.Interface.Value, msg)
+				}
+			}
+		case "dns":
+			ap.dnsPos = posOf(v)
+			if v.Kind == yaml.ScalarNode && v.Value == "system" {
+				ap.dnsSystem = posOf(v)
+				return
+			}
+			if v.Kind == yaml.ScalarNode && v.Value == "auto" {
+				// TODO: dns: auto (the servers the system has for the link, from
+				// systemd-resolved or NetworkManager) is not implemented, so a
+				// policy that uses it does not load.
+				errs.add(posOf(v), key, "\"auto\" is not supported yet; list the DNS servers of the interface")
+				return
+			}
+			if v.Kind != yaml.SequenceNode {
+				errs.add(posOf(v), key, "must be a list of server addresses or \"system\", found %s", describe(v))
+				return
+			}
+			if len(v.Content) == 0 {
+				errs.add(posOf(v), key, "empty list, at least one server is required")
+			}
+			for i, t := range decodeTextList(&errs, key, v, "server addresses") {
+				if !t.IsSet() {
+					continue
+				}
+				if s, ok := parseDNSServer(&errs, key, i, t); ok {
+					ap.DNS = append(ap.DNS, s)
+				}
+			}
+		case "search":
+			ap.searchPos = posOf(v)
+			for i, t := range decodeTextList(&errs, key, v, "domain names") {
+				if !t.IsSet() {
+					continue
+				}
+				name := strings.TrimSuffix(t.Value, ".")
+				if msg := checkDomainName(name); msg != "" {
+					errs.add(t.Pos, fmt.Sprintf("%s[%d]", key, i), "invalid domain name %q: %s", t.Value, msg)
+					continue
+				}
+				ap.Search = append(ap.Search, text{Value: name, Pos: t.Pos})
+			}
+		case "dns_timeouts":
+			ap.timeoutsPos = posOf(v)
+			list := decodeTextList(&errs, key, v, "durations")
+			if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
+				errs.add(posOf(v), key, "empty list; leave dns_timeouts out for the default 1s, 2s, 4s, 8s")
+			}
+			for i, t := range list {
+				if !t.IsSet() {
+					continue
+				}
+				d, err := time.ParseDuration(t.Value)
+				switch {
+				case err != nil:
+					errs.add(t.Pos, fmt.Sprintf("%s[%d]", key, i), "invalid duration %q: use a number with a unit, like 500ms or 2s", t.Value)
+				case d <= 0:
+					errs.add(t.Pos, fmt.Sprintf("%s[%d]", key, i), "duration %s must be above zero", t.Value)
+				default:
+					ap.DNSTimeouts = append(ap.DNSTimeouts, duration{Value: d, Pos: t.Pos})
+				}
+			}
+		case "gateway":
+			ap.gatewayPos = posOf(v)
+			ap.Gateway = decodeAddressList(&errs, key, v)
+		case "source":
+			ap.sourcePos = posOf(v)
+			ap.Source = decodeAddressList(&errs, key, v)
+		}
+	})
+
+	if !ap.Interface.IsSet() && !hasError(errs, "interface") {
+		errs.add(ap.pos, "", "missing interface")
+	}
+	if !ap.dnsPos.IsSet() {
+		errs.add(ap.pos, "", "missing dns (a list of server addresses, or \"system\" with interface: default)")
+	}
+	return errs.err()
+}
+
+// rawDestination is one entry of destinations.
+type rawDestination struct {
+	Name    string
+	NamePos position
+
+	// AccessPoints (key access_points, required) lists the access points
+	// that reach this destination's network, in order of preference:
+	// non-empty, each defined under access_points and listed once.
+	AccessPoints []text
+
+	accessPointsPos position // of the access_points value; zero when absent
+	pos             position
+}
+
+var destinationKeys = []string{"access_points"}
+
+func (d *rawDestination) UnmarshalYAML(n *yaml.Node) error {
+	var errs ErrorList
+	d.pos = posOf(n)
+	if !expectKind(&errs, "", n, yaml.MappingNode, "a map (keys: "+strings.Join(destinationKeys, ", ")+")") {
+		return errs.err()
+	}
+
+	eachField(&errs, n, destinationKeys, func(key string, v *yaml.Node) {
+		d.accessPointsPos = posOf(v)
+		d.AccessPoints = decodeTextList(&errs, key, v, "access point names")
+		if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
+			errs.add(posOf(v), key, "empty list, a destination needs at least one access point")
+		}
+	})
+
+	if !d.accessPointsPos.IsSet() {
+		errs.add(d.pos, "", "missing access_points (a destination needs at least one)")
+	}
+	return errs.err()
+}
+
+// Routing defaults. The numbers are arbitrary but fixed, so that tables and
+// rules left behind by a crash are recognisable; 18100 is far from the
+// numbers that distributions and VPN clients commonly use.
+const (
+	defaultTable    = 18100
+	defaultMark     = 0x1a900
+	defaultPriority = 18100
+)
+
+// rawRouting is the routing map. Access point i, counting every access
+// point in file order from 0, uses table table+i and mark mark+i; see
+// ip-rule(8) and ip-route(8).
+type rawRouting struct {
+	// Table (key table, optional) is the first routing table number, from
+	// 1 to 2147483647. No access point's table may be 253, 254 or 255
+	// (the kernel's default, main and local tables). Default 18100.
+	Table int64
+	// Mark (key mark, optional) is the first firewall mark (SO_MARK, see
+	// socket(7)), an integer above zero that may be written in hex
+	// (0x1a900). Every access point's mark must fit 32 bits. Default
+	// 0x1a900.
+	Mark int64
+	// Priority (key priority, optional) is the priority of iapd's rules,
+	// from 1 to 32765 so that they come before the main table's rule at
+	// 32766. Default 18100.
+	Priority int64
+
+	tablePos position // zero when absent
+	markPos  position // zero when absent
+}
+
+var routingKeys = []string{"table", "mark", "priority"}
+
+func (r *rawRouting) UnmarshalYAML(n *yaml.Node) error {
+	var errs ErrorList
+	if !expectKind(&errs, "", n, yaml.MappingNode, "a map (keys: "+strings.Join(routingKeys, ", ")+")") {
+		return errs.err()
+	}
+
+	eachField(&errs, n, routingKeys, func(key string, v *yaml.Node) {
+		value, t, ok := decodeInt(&errs, key, v)
+		if !ok {
+			return
+		}
+		switch key {
+		case "table":
+			if value < 1 || value > 1<<31-1 {
+				errs.add(t.Pos, key, "table %s out of range 1 to 2147483647", t.Value)
+				return
+			}
+			r.Table, r.tablePos = value, t.Pos
+		case "mark":
+			if value < 1 || value > 1<<32-1 {
+				errs.add(t.Pos, key, "mark %s out of range 0x1 to 0xffffffff", t.Value)
+				return
+			}
+			r.Mark, r.markPos = value, t.Pos
+		case "priority":
+			if value < 1 || value > 32765 {
+				errs.add(t.Pos, key, "priority %s out of range 1 to 32765 (the main table's rule is at 32766)", t.Value)
+				return
+			}
+			r.Priority = value
+		}
+	})
+	return errs.err()
+}

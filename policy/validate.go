@@ -1,0 +1,192 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+)
+
+// validate makes the checks that look at more than one value of the raw
+// policy: addresses shared between listeners, user names within a
+// listener, settings that contradict an access point's interface, and
+// routing numbers against the number of access points.
+func validate(raw *rawPolicy) ErrorList {
+	var errs ErrorList
+	validateListeners(&errs, raw.Listeners)
+	for _, ap := range raw.AccessPoints {
+		var apErrs ErrorList
+		validateAccessPoint(&apErrs, ap)
+		errs.merge("access_points."+ap.Name, apErrs.err())
+	}
+	for _, d := range raw.Destinations {
+		validateDestination(&errs, d)
+	}
+	validateRouting(&errs, &raw.Routing, len(raw.AccessPoints))
+	return errs
+}
+
+func validateListeners(errs *ErrorList, listeners []*rawListener) {
+	for i, l := range listeners {
+		path := fmt.Sprintf("listeners[%d]", i)
+
+		// With port 0 the kernel picks a free port, so such listeners never
+		// collide.
+		if l.listenOK && l.listenPort != 0 {
+			for j, other := range listeners[:i] {
+				if other.listenOK && other.listenPort == l.listenPort && listenOverlaps(l.listenAddr, other.listenAddr) {
+					errs.add(l.Listen.Pos, path+".listen", "address %s overlaps listeners[%d].listen %s (line %d); each listener needs its own address and port",
+						l.Listen.Value, j, other.Listen.Value, other.Listen.Pos.Line)
+					break
+				}
+			}
+		}
+
+		seen := make(map[string]int)
+		for j, u := range l.Users {
+			if !u.Name.IsSet() {
+				continue
+			}
+			if line, dup := seen[u.Name.Value]; dup {
+				errs.add(u.Name.Pos, fmt.Sprintf("%s.users[%d].name", path, j), "duplicate user %q (first at line %d)", u.Name.Value, line)
+				continue
+			}
+			seen[u.Name.Value] = u.Name.Pos.Line
+		}
+	}
+}
+
+// listenOverlaps reports whether listening on a and b with the same port
+// would collide on Linux. An invalid Addr stands for an empty host, which
+// listens on every address of both families, as "::" does; "0.0.0.0"
+// covers every IPv4 address.
+func listenOverlaps(a, b netip.Addr) bool {
+	isAll := func(x netip.Addr) bool { return !x.IsValid() || x.Is6() && x.IsUnspecified() }
+	isAny4 := func(x netip.Addr) bool { return x.Is4() && x.IsUnspecified() }
+	switch {
+	case isAll(a) || isAll(b):
+		return true
+	case isAny4(a):
+		return b.Is4()
+	case isAny4(b):
+		return a.Is4()
+	}
+	return a == b
+}
+
+func validateAccessPoint(errs *ErrorList, ap *rawAccessPoint) {
+	iface := ap.Interface.Value
+	if !ap.Interface.IsSet() {
+		// Missing or invalid, already reported: the checks below depend on it.
+		return
+	}
+	isDefault := iface == DefaultInterface
+
+	if ap.dnsSystem.IsSet() {
+		if !isDefault {
+			errs.add(ap.dnsSystem, "dns",
+				"\"system\" is allowed only with interface: default, because the host resolver sends queries out of whatever interface holds the default route, not %s; list the DNS servers of %s", iface, iface)
+		}
+		if ap.searchPos.IsSet() {
+			errs.add(ap.searchPos, "search", "not allowed with dns: system, which takes its search domains from the host")
+		}
+		if ap.timeoutsPos.IsSet() {
+			errs.add(ap.timeoutsPos, "dns_timeouts", "not allowed with dns: system, which uses the host resolver's timeouts")
+		}
+	}
+
+	seen := make(map[netip.AddrPort]int)
+	for _, s := range ap.DNS {
+		path := fmt.Sprintf("dns[%d]", s.Index)
+		addr := s.Addr.Addr()
+		if line, dup := seen[s.Addr]; dup {
+			errs.add(s.Pos, path, "duplicate DNS server %s (first at line %d)", s.Text, line)
+			continue
+		}
+		seen[s.Addr] = s.Pos.Line
+
+		switch {
+		case addr.Unmap().IsLoopback() && !isDefault:
+			errs.add(s.Pos, path,
+				"%s is a loopback address: a local stub resolver forwards through whichever interface it chooses, so names could leak through another interface than %s; list the DNS servers of %s",
+				s.Text, iface, iface)
+		case addr.Is6() && addr.IsLinkLocalUnicast() && addr.Zone() == "" && isDefault:
+			errs.add(s.Pos, path, "link-local address %s needs a zone naming its interface, like %s%%eth0", addr, addr)
+		case addr.Is6() && addr.IsLinkLocalUnicast() && addr.Zone() != "" && !isDefault && addr.Zone() != iface:
+			errs.add(s.Pos, path, "link-local address %s is on interface %s, but the access point uses %s", addr, addr.Zone(), iface)
+		}
+	}
+
+	if isDefault {
+		if ap.gatewayPos.IsSet() {
+			errs.add(ap.gatewayPos, "gateway", "not allowed with interface: default, which follows the main table's default route")
+		}
+		if ap.sourcePos.IsSet() {
+			errs.add(ap.sourcePos, "source", "not allowed with interface: default, which lets the kernel pick the source address")
+		}
+	}
+	checkOnePerFamily(errs, "gateway", ap.Gateway)
+	checkOnePerFamily(errs, "source", ap.Source)
+}
+
+// checkOnePerFamily adds an error for each address after the first of its
+// family, because a connection uses one gateway or source per family.
+func checkOnePerFamily(errs *ErrorList, key string, list []address) {
+	var first4, first6 *address
+	for i := range list {
+		a := &list[i]
+		first := &first4
+		family := "IPv4"
+		if a.Addr.Is6() {
+			first, family = &first6, "IPv6"
+		}
+		if *first != nil {
+			errs.add(a.Pos, fmt.Sprintf("%s[%d]", key, a.Index), "second %s address %s (first is %s at line %d); give at most one per family",
+				family, a.Addr, (*first).Addr, (*first).Pos.Line)
+			continue
+		}
+		*first = a
+	}
+}
+
+func validateDestination(errs *ErrorList, d *rawDestination) {
+	seen := make(map[string]int)
+	for i, t := range d.AccessPoints {
+		if !t.IsSet() {
+			continue
+		}
+		if line, dup := seen[t.Value]; dup {
+			errs.add(t.Pos, fmt.Sprintf("destinations.%s.access_points[%d]", d.Name, i), "access point %q listed twice (first at line %d)", t.Value, line)
+			continue
+		}
+		seen[t.Value] = t.Pos.Line
+	}
+}
+
+// Routing tables the kernel reserves (see ip-route(8) and
+// /etc/iproute2/rt_tables).
+const (
+	tableDefault = 253
+	tableMain    = 254
+	tableLocal   = 255
+)
+
+// validateRouting checks that the table and mark of every access point,
+// counted up from the first number, stay valid.
+func validateRouting(errs *ErrorList, r *rawRouting, accessPoints int) {
+	if accessPoints == 0 {
+		return
+	}
+	last := int64(accessPoints - 1)
+
+	first, end := r.Table, r.Table+last
+	switch {
+	case end > 1<<31-1:
+		errs.add(r.tablePos, "routing.table", "tables %d to %d (one per access point) go past 2147483647; choose a smaller first table", first, end)
+	case first <= tableLocal && end >= tableDefault:
+		errs.add(r.tablePos, "routing.table",
+			"tables %d to %d (one per access point) include a table the kernel reserves (253 default, 254 main, 255 local); choose a first table above 255", first, end)
+	}
+
+	if r.Mark+last > 1<<32-1 {
+		errs.add(r.markPos, "routing.mark", "marks %#x to %#x (one per access point) do not fit 32 bits; choose a smaller first mark", r.Mark, r.Mark+last)
+	}
+}
