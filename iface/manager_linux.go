@@ -1,0 +1,543 @@
+package iface
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"iapd/internal/logkey"
+	"iapd/policy"
+)
+
+// Kernel entry points, variables so that tests can redirect them.
+var (
+	capget     = unix.Capget
+	procSysNet = "/proc/sys/net" // rp_filter settings live under ipv4/conf/IF/
+)
+
+// leftoverSpan is how many marks and tables past the first ones count as
+// iapd's when removing what a crashed run left behind. It covers policies
+// with up to that many access points.
+const leftoverSpan = 256
+
+// NewManager checks that iapd may do what the policy's access points need,
+// removes routing state left by a crashed run, installs a routing table and
+// rules per access point bound to an interface, and keeps them current as
+// interfaces change. A policy using only interface: default needs no
+// capability and installs nothing.
+func NewManager(cfg ManagerConfig) (*Manager, error) {
+	if cfg.Policy == nil {
+		panic("iface.NewManager: nil Policy")
+	}
+	logger := cfg.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	p := cfg.Policy
+
+	var bound []*policy.AccessPoint
+	for _, ap := range p.AccessPointOrder {
+		if !ap.IsDefault() {
+			bound = append(bound, ap)
+		}
+	}
+	if err := checkCapabilities(p, bound); err != nil {
+		return nil, err
+	}
+	if len(bound) > 0 && p.Routing.Mark == 0 {
+		return nil, fmt.Errorf("iface: routing mark 0 means unmarked and cannot select a table: set routing.mark in the policy")
+	}
+
+	m := &Manager{monitor: cfg.Monitor}
+	if m.monitor == nil {
+		mon, err := NewMonitor(logger)
+		if err != nil {
+			return nil, fmt.Errorf("starting interface monitor: %w", err)
+		}
+		m.monitor, m.ownMonitor = mon, true
+	}
+	m.dialers = newDialers(p, m.monitor)
+	if len(bound) == 0 {
+		return m, nil
+	}
+
+	k, err := newTableKeeper(p, bound, logger)
+	if err != nil {
+		if m.ownMonitor {
+			m.monitor.Close()
+		}
+		return nil, err
+	}
+	if err := k.removeLeftovers(); err != nil {
+		k.removeAll()
+		if m.ownMonitor {
+			m.monitor.Close()
+		}
+		return nil, err
+	}
+	m.routes = k
+	m.unregisterHook = m.monitor.registerReadHook(k.reconcile)
+	k.reconcile(m.monitor.Snapshot())
+	return m, nil
+}
+
+// capabilityError names the capability an access point lacks. It wraps
+// ErrMissingCapability.
+type capabilityError struct {
+	capability string
+	ap         *policy.AccessPoint
+	purpose    string
+}
+
+func (e *capabilityError) Error() string {
+	return fmt.Sprintf("iface: access point %q (interface %s) needs %s %s: run iapd as root or grant the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW)",
+		e.ap.Name, e.ap.Interface, e.capability, e.purpose)
+}
+
+func (e *capabilityError) Unwrap() error { return ErrMissingCapability }
+
+// checkCapabilities returns a *capabilityError naming the first bound
+// access point when the effective capabilities lack CAP_NET_ADMIN (SO_MARK,
+// rules and tables) or CAP_NET_RAW (SO_BINDTODEVICE, see socket(7)).
+func checkCapabilities(p *policy.Policy, bound []*policy.AccessPoint) error {
+	if len(bound) == 0 {
+		return nil
+	}
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := capget(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("reading process capabilities: %w", os.NewSyscallError("capget", err))
+	}
+	has := func(c int) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
+
+	ap := bound[0]
+	if !has(unix.CAP_NET_ADMIN) {
+		purpose := fmt.Sprintf("to mark its sockets and install routing table %d", p.Routing.Table+ap.Index)
+		return &capabilityError{capability: "CAP_NET_ADMIN", ap: ap, purpose: purpose}
+	}
+	if !has(unix.CAP_NET_RAW) {
+		return &capabilityError{capability: "CAP_NET_RAW", ap: ap, purpose: "to bind its sockets to the interface"}
+	}
+	return nil
+}
+
+// ruleKey identifies one of iapd's rules: fwmark mark/0xffffffff lookup
+// table, at iapd's priority.
+type ruleKey struct {
+	v6    bool
+	mark  uint32
+	table int
+}
+
+// tableKeeper owns iapd's routing tables and rules. It implements
+// routeKeeper.
+type tableKeeper struct {
+	logger    *slog.Logger
+	priority  int
+	markBase  uint32
+	tableBase int
+	span      int // marks and tables from the bases that count as iapd's
+	bound     []*policy.AccessPoint
+	tables    map[int]bool // the tables of bound
+
+	mu        sync.Mutex // protects everything below
+	handle    *netlink.Handle
+	closed    bool
+	warned    map[string]bool // warnings logged once, cleared when their condition ends
+	rpChecked map[string]int  // interface name to the index whose rp_filter was checked
+}
+
+func newTableKeeper(p *policy.Policy, bound []*policy.AccessPoint, logger *slog.Logger) (*tableKeeper, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink handle: %w", err)
+	}
+	k := &tableKeeper{
+		logger:    logger.With(logkey.Component, "iface.routing"),
+		priority:  p.Routing.RulePriority,
+		markBase:  p.Routing.Mark,
+		tableBase: p.Routing.Table,
+		span:      max(leftoverSpan, len(p.AccessPointOrder)),
+		bound:     bound,
+		tables:    make(map[int]bool, len(bound)),
+		handle:    h,
+		warned:    make(map[string]bool),
+		rpChecked: make(map[string]int),
+	}
+	for _, ap := range bound {
+		k.tables[k.table(ap)] = true
+	}
+	return k, nil
+}
+
+func (k *tableKeeper) table(ap *policy.AccessPoint) int { return k.tableBase + ap.Index }
+func (k *tableKeeper) mark(ap *policy.AccessPoint) uint32 {
+	return k.markBase + uint32(ap.Index)
+}
+
+// isOwnRule reports whether r looks like a rule iapd installs: at iapd's
+// priority, with a mark and table in iapd's ranges.
+//
+// NOTE: this assumes one iapd per network namespace. A second instance with
+// the same routing numbers deletes the first one's rules and tables at start.
+func (k *tableKeeper) isOwnRule(r netlink.Rule) bool {
+	return r.Priority == k.priority &&
+		r.Mark >= k.markBase && r.Mark < k.markBase+uint32(k.span) &&
+		r.Table >= k.tableBase && r.Table < k.tableBase+k.span
+}
+
+// removeLeftovers deletes the rules and routes of an earlier run that
+// ended without cleaning up, so that the first reconcile starts clean.
+func (k *tableKeeper) removeLeftovers() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	rules, routes, err := k.flushLocked()
+	if err != nil {
+		return fmt.Errorf("removing routing state of an earlier run: %w", err)
+	}
+	if rules+routes > 0 {
+		k.logger.Info("removed routing state of an earlier run", "rules", rules, "routes", routes)
+	}
+	return nil
+}
+
+// removeAll deletes all of iapd's rules and routes and stops reconciling.
+func (k *tableKeeper) removeAll() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return nil
+	}
+	k.closed = true
+	defer k.handle.Close()
+	rules, routes, err := k.flushLocked()
+	k.logger.Info("removed routing tables and rules", "rules", rules, "routes", routes)
+	if err != nil {
+		return fmt.Errorf("removing routing tables and rules: %w", err)
+	}
+	return nil
+}
+
+// flushLocked deletes every rule isOwnRule accepts and every route in the
+// tables those rules or the bound access points use. It returns how many
+// it deleted.
+func (k *tableKeeper) flushLocked() (rules, routes int, err error) {
+	installed, err := k.listRulesLocked()
+	if err != nil {
+		return 0, 0, err
+	}
+	tables := make(map[int]bool, len(k.tables))
+	for t := range k.tables {
+		tables[t] = true
+	}
+	var errs []error
+	for _, r := range installed {
+		tables[r.Table] = true
+		if err := k.handle.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("deleting rule %s: %w", formatRule(r), err))
+			continue
+		}
+		rules++
+	}
+
+	present, err := k.listRoutesLocked(tables)
+	if err != nil {
+		return rules, 0, errors.Join(append(errs, err)...)
+	}
+	for _, r := range present {
+		if err := k.handle.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("deleting route %s: %w", r, err))
+			continue
+		}
+		routes++
+	}
+	return rules, routes, errors.Join(errs...)
+}
+
+// listRulesLocked returns the installed rules that isOwnRule accepts.
+func (k *tableKeeper) listRulesLocked() ([]netlink.Rule, error) {
+	var own []netlink.Rule
+	filter := &netlink.Rule{Priority: k.priority}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rules, err := k.handle.RuleListFiltered(family, filter, netlink.RT_FILTER_PRIORITY)
+		if err != nil {
+			return nil, fmt.Errorf("listing rules: %w", err)
+		}
+		for _, r := range rules {
+			if k.isOwnRule(r) {
+				own = append(own, r)
+			}
+		}
+	}
+	return own, nil
+}
+
+// listRoutesLocked returns the routes of both families in tables.
+func (k *tableKeeper) listRoutesLocked(tables map[int]bool) ([]netlink.Route, error) {
+	var routes []netlink.Route
+	filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		all, err := dump(func() ([]netlink.Route, error) {
+			return k.handle.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("listing routes: %w", err)
+		}
+		for _, r := range all {
+			if tables[r.Table] {
+				routes = append(routes, r)
+			}
+		}
+	}
+	return routes, nil
+}
+
+// reconcile brings the rules and the tables of the bound access points in
+// line with s: it adds what is missing and deletes what is stale, in
+// iapd's rules and tables only. Failures are logged, and the next change
+// retries.
+func (k *tableKeeper) reconcile(s *Snapshot) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return
+	}
+	k.reconcileRulesLocked()
+	k.reconcileRoutesLocked(s)
+	k.checkReversePathFilterLocked(s)
+}
+
+func (k *tableKeeper) reconcileRulesLocked() {
+	installed, err := k.listRulesLocked()
+	if err != nil {
+		k.logger.Error("reconciling rules failed", logkey.Err, err)
+		return
+	}
+
+	want := make(map[ruleKey]bool, 2*len(k.bound))
+	for _, ap := range k.bound {
+		for _, v6 := range []bool{false, true} {
+			want[ruleKey{v6: v6, mark: k.mark(ap), table: k.table(ap)}] = true
+		}
+	}
+	for _, r := range installed {
+		key := ruleKey{v6: r.Family == netlink.FAMILY_V6, mark: r.Mark, table: r.Table}
+		exact := r.Mask != nil && *r.Mask == 0xffffffff && r.Src == nil && r.Dst == nil &&
+			r.IifName == "" && r.OifName == "" && !r.Invert
+		if want[key] && exact {
+			delete(want, key)
+			continue
+		}
+		if err := k.handle.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
+			k.logger.Warn("deleting stale rule failed", "rule", formatRule(r), logkey.Err, err)
+		}
+	}
+
+	for key := range want {
+		r := netlink.NewRule()
+		r.Family = netlink.FAMILY_V4
+		if key.v6 {
+			r.Family = netlink.FAMILY_V6
+		}
+		r.Priority = k.priority
+		r.Mark = key.mark
+		mask := uint32(0xffffffff)
+		r.Mask = &mask
+		r.Table = key.table
+		if err := k.handle.RuleAdd(r); err != nil && !errors.Is(err, unix.EEXIST) {
+			k.logger.Error("adding rule failed", "rule", formatRule(*r), logkey.Err, err)
+			continue
+		}
+		k.logger.Debug("added rule", "rule", formatRule(*r))
+	}
+}
+
+func (k *tableKeeper) reconcileRoutesLocked(s *Snapshot) {
+	var want []tableRoute
+	for _, ap := range k.bound {
+		ifc, _ := s.Interface(ap.Interface)
+		routes, noGateway := desiredRoutes(ap, k.table(ap), ifc)
+		want = append(want, routes...)
+		k.warnNoGatewayLocked(ap, noGateway)
+	}
+
+	present, err := k.listRoutesLocked(k.tables)
+	if err != nil {
+		k.logger.Error("reconciling routing tables failed", logkey.Err, err)
+		return
+	}
+	desired := make(map[tableRoute]bool, len(want))
+	for _, r := range want {
+		desired[r] = true
+	}
+	installed := make(map[tableRoute]bool, len(present))
+	added, deleted := 0, 0
+
+	// Stale routes go first: a default route whose onlink flag changed
+	// must be gone before its replacement goes in.
+	for _, r := range present {
+		key, ok := routeKeyOf(r)
+		if ok && desired[key] && !installed[key] {
+			installed[key] = true
+			continue
+		}
+		if err := k.handle.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+			k.logger.Warn("deleting stale route failed", "route", r.String(), logkey.Err, err)
+			continue
+		}
+		deleted++
+	}
+	for _, r := range want {
+		if installed[r] {
+			continue
+		}
+		warnKey := "route " + r.String()
+		if err := k.handle.RouteAdd(netlinkRoute(r)); err != nil && !errors.Is(err, unix.EEXIST) {
+			if !k.warned[warnKey] {
+				k.warned[warnKey] = true
+				k.logger.Warn("adding route failed", "route", r.String(), logkey.IfIndex, r.IfIndex, logkey.Err, err)
+			}
+			continue
+		}
+		delete(k.warned, warnKey)
+		installed[r] = true
+		added++
+	}
+	if added+deleted > 0 {
+		k.logger.Info("routing tables updated", "added", added, "deleted", deleted)
+	}
+}
+
+func (k *tableKeeper) warnNoGatewayLocked(ap *policy.AccessPoint, noGateway []string) {
+	for _, family := range []string{"IPv4", "IPv6"} {
+		key := "no gateway " + family + " " + ap.Name
+		if !slices.Contains(noGateway, family) {
+			delete(k.warned, key)
+			continue
+		}
+		if k.warned[key] {
+			continue
+		}
+		k.warned[key] = true
+		k.logger.Warn("no gateway: connections of this family cannot leave the interface's own networks",
+			logkey.AccessPoint, ap.Name, logkey.Interface, ap.Interface, "family", family,
+			"fix", "set gateway in the policy's access point")
+	}
+}
+
+// formatRule writes r as ip-rule(8) shows it, which netlink.Rule.String
+// does not do for marks.
+func formatRule(r netlink.Rule) string {
+	family := "-4"
+	if r.Family == netlink.FAMILY_V6 {
+		family = "-6"
+	}
+	s := fmt.Sprintf("%s priority %d fwmark %#x", family, r.Priority, r.Mark)
+	if r.Mask != nil && *r.Mask != 0xffffffff {
+		s += fmt.Sprintf("/%#x", *r.Mask)
+	}
+	return s + fmt.Sprintf(" lookup %d", r.Table)
+}
+
+// routeKeyOf reduces an installed route to the fields iapd sets. It returns
+// false for a route iapd never installs, such as a multipath route.
+func routeKeyOf(r netlink.Route) (tableRoute, bool) {
+	if len(r.MultiPath) > 0 || r.Dst == nil {
+		return tableRoute{}, false
+	}
+	dst, ok := prefixFromIPNet(r.Dst)
+	if !ok {
+		return tableRoute{}, false
+	}
+	key := tableRoute{
+		Table:   r.Table,
+		Dst:     dst.Masked(),
+		IfIndex: r.LinkIndex,
+		OnLink:  r.Flags&int(netlink.FLAG_ONLINK) != 0,
+	}
+	if r.Gw != nil {
+		key.Gateway, _ = addrFromIP(r.Gw)
+	}
+	return key, true
+}
+
+// netlinkRoute turns r into the netlink request that installs it.
+func netlinkRoute(r tableRoute) *netlink.Route {
+	nr := &netlink.Route{
+		LinkIndex: r.IfIndex,
+		Table:     r.Table,
+		Dst:       &net.IPNet{IP: r.Dst.Addr().AsSlice(), Mask: net.CIDRMask(r.Dst.Bits(), r.Dst.Addr().BitLen())},
+		Protocol:  unix.RTPROT_STATIC,
+		Scope:     netlink.SCOPE_LINK,
+	}
+	if r.Gateway.IsValid() {
+		nr.Gw = r.Gateway.AsSlice()
+		nr.Scope = netlink.SCOPE_UNIVERSE
+	}
+	if r.OnLink {
+		nr.Flags = int(netlink.FLAG_ONLINK)
+	}
+	return nr
+}
+
+// checkReversePathFilterLocked warns once per interface instance when
+// strict reverse path filtering is on for a bound access point's
+// interface: it drops replies that arrive on an interface that is not the
+// main table's route back to the sender, which is every reply iapd's
+// tables bring in on a non-default interface.
+//
+// NOTE: /proc/sys/net shows the network namespace of the thread that opens
+// it, so this reads the namespace the reconciling goroutine runs in, which
+// is iapd's only one outside of tests.
+func (k *tableKeeper) checkReversePathFilterLocked(s *Snapshot) {
+	for _, ap := range k.bound {
+		ifc, ok := s.Interface(ap.Interface)
+		if !ok || k.rpChecked[ifc.Name] == ifc.Index {
+			continue
+		}
+		k.rpChecked[ifc.Name] = ifc.Index
+
+		all, errAll := readSysctlInt(filepath.Join(procSysNet, "ipv4/conf/all/rp_filter"))
+		own, errOwn := readSysctlInt(filepath.Join(procSysNet, "ipv4/conf", ifc.Name, "rp_filter"))
+		if err := errors.Join(errAll, errOwn); err != nil {
+			k.logger.Debug("reading rp_filter failed", logkey.Interface, ifc.Name, logkey.Err, err)
+			continue
+		}
+		// The kernel applies the larger of the two values.
+		if max(all, own) != 1 {
+			continue
+		}
+		name := "net.ipv4.conf.all.rp_filter"
+		if own == 1 {
+			// sysctl(8) writes a dot inside an interface name as a slash.
+			name = "net.ipv4.conf." + strings.ReplaceAll(ifc.Name, ".", "/") + ".rp_filter"
+		}
+		k.logger.Warn("strict reverse path filtering drops replies that arrive on a non-default interface",
+			logkey.AccessPoint, ap.Name, logkey.Interface, ifc.Name, "sysctl", name, "value", 1,
+			"fix", "set "+name+"=2 (loose)")
+	}
+}
+
+func readSysctlInt(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	v, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("parsing %s: %w", path, err)
+	}
+	return v, nil
+}
+
+var _ routeKeeper = (*tableKeeper)(nil)

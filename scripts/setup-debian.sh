@@ -1,0 +1,28 @@
+#!/bin/sh
+# Installs the Debian packages that building and testing iapd need, and
+# only those that are missing, so a second run costs nothing.
+#   iproute2    ip netns, veth pairs, routes and rules for namespace tests
+#   curl        the real client in end-to-end tests
+#   util-linux  setpriv, to start iapd without capabilities in a test
+#   golang-go   only when no Go toolchain is installed; go.mod then makes
+#               it fetch the Go release the module needs
+set -eu
+
+need=""
+command -v ip >/dev/null 2>&1 || need="$need iproute2"
+command -v curl >/dev/null 2>&1 || need="$need curl"
+command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
+if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
+	need="$need golang-go ca-certificates"
+fi
+[ -n "$need" ] || exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "setup: missing packages:$need; install them as root (apt-get install$need)" >&2
+	exit 1
+fi
+echo "setup: installing$need"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+# shellcheck disable=SC2086 # word splitting of the package list is wanted
+apt-get install -y -q --no-install-recommends $need
