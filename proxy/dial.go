@@ -1,0 +1,189 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"iapd/internal/logkey"
+	"iapd/policy"
+)
+
+// minAttemptTime is the least time one access point or one address gets
+// when the time left is shared among those still to try, unless less than
+// that is left. Without a share, an access point that drops packets would
+// use up the client's whole deadline and the next one would never be tried.
+const minAttemptTime = time.Second
+
+// errNoAddresses is the resolve error when a lookup succeeds with no address.
+var errNoAddresses = errors.New("no addresses found")
+
+// dialContext returns ctx bounded by the dial timeout and cancelled when
+// the server closes. Front ends wrap their dials in it.
+func (s *Server) dialContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	stop := context.AfterFunc(s.ctx, cancel)
+	return ctx, func() {
+		stop()
+		cancel()
+	}
+}
+
+// dial resolves and dials target (host:port as the client sent it) for app.
+// It tries the usable access points of the app's destination in the
+// policy's order, each resolving the host with its own resolver, until one
+// connects or ctx ends, and returns the connection entered in the table.
+// Errors are *DialError.
+func (s *Server) dial(ctx context.Context, app *policy.App, l *policy.Listener, target string) (*upstream, error) {
+	host, port, err := splitTarget(target)
+	if err != nil {
+		return nil, &DialError{Op: "connect", App: app.Name, Destination: app.Destination.Name, Target: target, Err: err}
+	}
+
+	plan := policy.NewPlan(app, target, s.cfg.Network.Usability())
+	if err := plan.Err(); err != nil {
+		s.logger.Debug("no usable access point", logkey.App, app.Name, logkey.Target, target, logkey.Err, err)
+		return nil, &DialError{Op: "select", App: app.Name, Destination: plan.Destination.Name, Target: target, Err: err}
+	}
+
+	var first *DialError
+	var rest []error
+	for i, ap := range plan.Candidates {
+		c, derr := s.dialAttempt(ctx, ap, host, port, target, len(plan.Candidates)-i)
+		if derr == nil {
+			if first != nil {
+				s.logger.Debug("failed over", logkey.App, app.Name, logkey.Target, target,
+					logkey.AccessPoint, ap.Name, "failed_access_point", first.AccessPoint)
+			}
+			return s.track(c, app, l, target, ap), nil
+		}
+
+		s.logger.Debug("access point failed", logkey.App, app.Name, logkey.Target, target,
+			logkey.AccessPoint, ap.Name, logkey.Err, derr.Err)
+		if first == nil {
+			first = derr
+		} else {
+			rest = append(rest, derr)
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+
+	// Like net.Dialer, report the first attempt's error: it comes from the
+	// access point that the policy prefers.
+	first.App = app.Name
+	first.Destination = plan.Destination.Name
+	first.Rest = errors.Join(rest...)
+	return nil, first
+}
+
+// dialAttempt dials through ap within its share of the time left in ctx,
+// which it splits evenly among the left access points still to try.
+func (s *Server) dialAttempt(ctx context.Context, ap *policy.AccessPoint, host string, port uint16, target string, left int) (net.Conn, *DialError) {
+	ctx, cancel := shareDeadline(ctx, left)
+	defer cancel()
+	return s.dialThrough(ctx, ap, host, port, target)
+}
+
+// dialAccessPoint resolves and dials target through ap alone. The HTTP
+// front end dials through it from its per-access-point transports. Errors
+// are *DialError.
+func (s *Server) dialAccessPoint(ctx context.Context, ap *policy.AccessPoint, target string) (net.Conn, error) {
+	host, port, err := splitTarget(target)
+	if err != nil {
+		return nil, &DialError{Op: "connect", AccessPoint: ap.Name, Interface: s.cfg.Network.Interface(ap), Target: target, Err: err}
+	}
+	c, derr := s.dialThrough(ctx, ap, host, port, target)
+	if derr != nil {
+		return nil, derr
+	}
+	return c, nil
+}
+
+// dialThrough resolves host with ap's resolver, unless it is an address
+// already, and dials the addresses in the resolver's order with ap's dialer
+// until one connects.
+func (s *Server) dialThrough(ctx context.Context, ap *policy.AccessPoint, host string, port uint16, target string) (net.Conn, *DialError) {
+	derr := &DialError{AccessPoint: ap.Name, Interface: s.cfg.Network.Interface(ap), Target: target}
+
+	addrs, err := s.lookup(ctx, ap, host)
+	if err != nil {
+		derr.Op = "resolve"
+		derr.Err = err
+		return nil, derr
+	}
+
+	dialer := s.cfg.Network.Dialer(ap)
+	var firstErr error
+	for i, addr := range addrs {
+		actx, cancel := shareDeadline(ctx, len(addrs)-i)
+		c, err := dialer.DialContext(actx, "tcp", netip.AddrPortFrom(addr, port).String())
+		cancel()
+		if err == nil {
+			return c, nil
+		}
+		if firstErr == nil {
+			firstErr = err
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	derr.Op = "connect"
+	derr.Err = firstErr
+	return nil, derr
+}
+
+// lookup returns the addresses of host from ap's resolver. An
+// address literal is returned as it is, without asking any resolver.
+func (s *Server) lookup(ctx context.Context, ap *policy.AccessPoint, host string) ([]netip.Addr, error) {
+	if addr, err := netip.ParseAddr(host); err == nil {
+		return []netip.Addr{addr.Unmap()}, nil
+	}
+
+	addrs, err := s.cfg.Network.Resolver(ap).LookupNetIP(ctx, host)
+	if err != nil {
+		return nil, err
+	}
+	if len(addrs) == 0 {
+		return nil, errNoAddresses
+	}
+	for i := range addrs {
+		addrs[i] = addrs[i].Unmap()
+	}
+	return addrs, nil
+}
+
+// splitTarget splits host:port and checks that the port is a number from 1
+// to 65535.
+func splitTarget(target string) (host string, port uint16, err error) {
+	host, portText, err := net.SplitHostPort(target)
+	if err != nil {
+		return "", 0, fmt.Errorf("%w: %w", ErrInvalidTarget, err)
+	}
+	n, err := strconv.ParseUint(portText, 10, 16)
+	if err != nil || n == 0 || host == "" {
+		return "", 0, fmt.Errorf("%w: %q is not host:port with a port from 1 to 65535", ErrInvalidTarget, target)
+	}
+	return host, uint16(n), nil
+}
+
+// shareDeadline returns ctx limited to an even share of its time left among
+// left attempts, and at least minAttemptTime of it.
+func shareDeadline(ctx context.Context, left int) (context.Context, context.CancelFunc) {
+	deadline, ok := ctx.Deadline()
+	if !ok || left <= 1 {
+		return context.WithCancel(ctx)
+	}
+	remaining := time.Until(deadline)
+	share := remaining / time.Duration(left)
+	if share < minAttemptTime {
+		share = min(minAttemptTime, remaining)
+	}
+	return context.WithTimeout(ctx, share)
+}

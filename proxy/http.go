@@ -1,0 +1,432 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/elazarl/goproxy"
+
+	"iapd/internal/logkey"
+	"iapd/policy"
+)
+
+const (
+	// httpMaxHeaderBytes caps a client's request line and headers.
+	httpMaxHeaderBytes = 64 << 10
+	// httpClientIdleTimeout is how long an idle keep-alive client
+	// connection waits for its next request before it is closed.
+	httpClientIdleTimeout = 2 * time.Minute
+)
+
+// httpFrontend is the HTTP proxy front end of one listener: a goproxy
+// ProxyHttpServer behind an http.Server that is fed the connections core
+// accepts. It serves absolute-form requests through one http.Transport per
+// app and access point, and CONNECT through s.dial. It is safe for
+// concurrent use; close releases everything it holds.
+type httpFrontend struct {
+	s   *Server
+	l   *policy.Listener
+	log *slog.Logger
+
+	proxy  *goproxy.ProxyHttpServer
+	srv    *http.Server
+	ln     *chanListener
+	served chan struct{} // closed when srv.Serve has returned
+
+	mu         sync.Mutex
+	closed     bool                             // guarded by mu
+	clients    map[net.Conn]*servedConn         // guarded by mu; connections between serveConn and their end
+	transports map[transportKey]*http.Transport // guarded by mu; created on first use, kept until close
+}
+
+// servedConn is the state of one client connection handed to serveConn.
+type servedConn struct {
+	conn     net.Conn
+	done     chan struct{} // closed by finish, which releases serveConn
+	once     sync.Once
+	hijacked atomic.Bool // goproxy took the connection away from http.Server
+	tunnel   atomic.Bool // a CONNECT tunnel owns the connection: its dial succeeded
+}
+
+func (c *servedConn) finish() { c.once.Do(func() { close(c.done) }) }
+
+// Context keys of the values that the CONNECT path carries from the
+// handler to ConnectDialWithReq and ConnectionErrHandler.
+type (
+	httpClientKey struct{}
+	httpAppKey    struct{}
+)
+
+// newHTTPFrontend builds the front end of l and starts its http.Server.
+func (s *Server) newHTTPFrontend(l *policy.Listener) *httpFrontend {
+	f := &httpFrontend{
+		s:          s,
+		l:          l,
+		log:        s.cfg.Logger.With(logkey.Component, "http", logkey.Listener, l.Listen),
+		ln:         newChanListener(l.Listen),
+		served:     make(chan struct{}),
+		clients:    make(map[net.Conn]*servedConn),
+		transports: make(map[transportKey]*http.Transport),
+	}
+
+	p := goproxy.NewProxyHttpServer()
+	p.Logger = goproxyLogger{f.log}
+	p.Verbose = false
+	// goproxy drops Accept-Encoding by default, which would change what the
+	// origin sends, although the field is end to end.
+	p.KeepAcceptEncoding = true
+	p.NonproxyHandler = http.HandlerFunc(serveNonProxy)
+	// NewProxyHttpServer takes HTTPS_PROXY for CONNECT and the other proxy
+	// variables for its transport from the environment. iapd dials every
+	// target itself, so none of them applies.
+	p.ConnectDial = nil
+	// Every request gets its own round tripper or dial function below;
+	// this transport only guards against a path that would dial unbound.
+	p.Tr = &http.Transport{Proxy: nil, DialContext: refuseDial}
+	p.ConnectDialWithReq = f.dialConnect
+	p.ConnectionErrHandler = f.writeConnectError
+	p.OnRequest().HandleConnectFunc(f.handleConnect)
+	p.OnRequest().DoFunc(f.handleRequest)
+	f.proxy = p
+
+	f.srv = &http.Server{
+		Handler:           http.HandlerFunc(f.serveHTTP),
+		ReadHeaderTimeout: s.cfg.HandshakeTimeout,
+		IdleTimeout:       httpClientIdleTimeout,
+		MaxHeaderBytes:    httpMaxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(f.log.Handler(), slog.LevelWarn),
+		ConnContext:       f.connContext,
+		ConnState:         f.connState,
+	}
+	go func() {
+		defer close(f.served)
+		// Serve ends only when close closes the listener and the server, so
+		// its error adds nothing.
+		_ = f.srv.Serve(f.ln)
+	}()
+	return f
+}
+
+// serveConn serves one client connection and returns when it is finished:
+// when http.Server closes it, when a CONNECT tunnel over it has ended, or
+// when the front end is closed. c should be the raw *net.TCPConn, because
+// goproxy half-closes a tunnel only between two connections that can, and
+// the kernel copies its bytes only between two TCP sockets.
+func (f *httpFrontend) serveConn(c net.Conn) {
+	if tcp, ok := c.(*net.TCPConn); ok {
+		c = &tcpClientConn{TCPConn: tcp}
+	}
+	client := &servedConn{conn: c, done: make(chan struct{})}
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		_ = c.Close()
+		return
+	}
+	f.clients[c] = client
+	f.mu.Unlock()
+	defer func() {
+		f.mu.Lock()
+		delete(f.clients, c)
+		f.mu.Unlock()
+	}()
+
+	if !f.ln.push(c) {
+		_ = c.Close()
+		return
+	}
+	<-client.done
+}
+
+// tcpClientConn is a client's TCP connection as http.Server and goproxy
+// see it. goproxy relays a tunnel with io.Copy, which prefers the source's
+// io.WriterTo. (*net.TCPConn).WriteTo splices only into a Unix
+// socket and otherwise hides the TCP socket from the upstream's ReadFrom,
+// which then copies in user space. WriteTo here hands the bare socket on.
+type tcpClientConn struct {
+	*net.TCPConn
+}
+
+// WriteTo copies from the client to w until the client ends.
+func (c *tcpClientConn) WriteTo(w io.Writer) (int64, error) {
+	if rf, ok := w.(io.ReaderFrom); ok {
+		return rf.ReadFrom(c.TCPConn)
+	}
+	return io.Copy(w, readerOnly{c.TCPConn})
+}
+
+// close stops the http.Server, closes every client connection including
+// open tunnels, and drops the idle upstream connections of all transports.
+func (f *httpFrontend) close() error {
+	f.mu.Lock()
+	f.closed = true
+	clients := make([]*servedConn, 0, len(f.clients))
+	for _, c := range f.clients {
+		clients = append(clients, c)
+	}
+	f.mu.Unlock()
+
+	_ = f.ln.Close()
+	err := f.srv.Close()
+	// http.Server does not know hijacked connections, so tunnels are closed
+	// here; goproxy's relay then closes the upstream side.
+	for _, c := range clients {
+		_ = c.conn.Close()
+		c.finish()
+	}
+	<-f.served
+
+	f.mu.Lock()
+	for _, t := range f.transports {
+		t.CloseIdleConnections()
+	}
+	f.mu.Unlock()
+	return err
+}
+
+func (f *httpFrontend) client(c net.Conn) *servedConn {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.clients[c]
+}
+
+func (f *httpFrontend) connContext(ctx context.Context, c net.Conn) context.Context {
+	return context.WithValue(ctx, httpClientKey{}, f.client(c))
+}
+
+// connState tracks when a connection leaves http.Server: StateClosed ends
+// it, and StateHijacked hands it to goproxy, whose CONNECT path ends it.
+func (f *httpFrontend) connState(c net.Conn, state http.ConnState) {
+	client := f.client(c)
+	if client == nil {
+		return
+	}
+	switch state {
+	case http.StateHijacked:
+		client.hijacked.Store(true)
+	case http.StateClosed:
+		client.finish()
+	}
+}
+
+func clientFromContext(ctx context.Context) *servedConn {
+	c, _ := ctx.Value(httpClientKey{}).(*servedConn)
+	return c
+}
+
+func appFromContext(ctx context.Context) *policy.App {
+	app, _ := ctx.Value(httpAppKey{}).(*policy.App)
+	return app
+}
+
+// serveHTTP runs goproxy and then ends a hijacked connection that no tunnel
+// took over: goproxy has already written a rejection or a dial error to it.
+func (f *httpFrontend) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	f.proxy.ServeHTTP(w, r)
+
+	client := clientFromContext(r.Context())
+	if client != nil && client.hijacked.Load() && !client.tunnel.Load() {
+		_ = client.conn.Close()
+		client.finish()
+	}
+}
+
+// serveNonProxy responds to an origin-form request (GET /path), which a client
+// sends when it takes iapd for a web server.
+func serveNonProxy(w http.ResponseWriter, r *http.Request) {
+	http.Error(w, "iapd is a proxy: send requests in absolute form (GET http://host/path) or use CONNECT host:port", http.StatusBadRequest)
+}
+
+// identify returns the app of a request, or the response to send instead:
+// 407 when credentials are missing, malformed or wrong.
+func (f *httpFrontend) identify(r *http.Request) (*policy.App, *http.Response) {
+	if !f.l.HasUsers() {
+		return f.l.App, nil
+	}
+
+	header := r.Header.Get("Proxy-Authorization")
+	user, password, ok := parseBasicCredentials(header)
+	var app *policy.App
+	var err error
+	switch {
+	case header == "":
+		err = policy.ErrCredentialsRequired
+	case !ok:
+		err = errMalformedCredentials
+	default:
+		app, err = f.l.Identify(user, password, true)
+	}
+	if err == nil {
+		return app, nil
+	}
+
+	level := slog.LevelInfo
+	if errors.Is(err, policy.ErrCredentialsRequired) {
+		// Browsers send their first request without credentials and retry
+		// after the 407, so a missing header is routine.
+		level = slog.LevelDebug
+	}
+	f.log.Log(r.Context(), level, "proxy authentication failed",
+		logkey.Client, r.RemoteAddr, "user", user, logkey.Target, r.Host, logkey.Err, err)
+	return nil, authRequiredResponse(r)
+}
+
+// handleConnect identifies the app of a CONNECT request and stores it in the
+// request's context, where dialConnect finds it.
+func (f *httpFrontend) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.ConnectAction, string) {
+	r := ctx.Req
+	app, resp := f.identify(r)
+	if resp != nil {
+		ctx.Resp = resp
+		return &goproxy.ConnectAction{Action: goproxy.ConnectReject}, host
+	}
+
+	// goproxy would append ":80" to a target without a port; a CONNECT
+	// without one is a client error (RFC 9110 section 9.3.6).
+	if _, port, err := net.SplitHostPort(host); err != nil || port == "" {
+		ctx.Resp = errorResponse(r, http.StatusBadRequest,
+			fmt.Sprintf("iapd: CONNECT target %q is not host:port\n", host))
+		return &goproxy.ConnectAction{Action: goproxy.ConnectReject}, host
+	}
+
+	ctx.Req = r.WithContext(context.WithValue(r.Context(), httpAppKey{}, app))
+	return &goproxy.ConnectAction{Action: goproxy.ConnectAccept}, host
+}
+
+// dialConnect dials the target of a CONNECT request for the app that
+// handleConnect identified.
+func (f *httpFrontend) dialConnect(r *http.Request, _, target string) (net.Conn, error) {
+	app := appFromContext(r.Context())
+	if app == nil {
+		// handleConnect stores the app for every request that it accepts.
+		panic("proxy: httpFrontend.dialConnect: CONNECT request without an app")
+	}
+
+	ctx, cancel := f.s.dialContext(r.Context())
+	defer cancel()
+	up, err := f.s.dial(ctx, app, f.l, target)
+	if err != nil {
+		f.log.Info("connect failed", logkey.App, app.Name, logkey.Target, target,
+			logkey.Client, r.RemoteAddr, logkey.Err, err)
+		return nil, err
+	}
+
+	client := clientFromContext(r.Context())
+	if client != nil {
+		client.tunnel.Store(true)
+	}
+	return &tunnelConn{upstream: up, client: client}, nil
+}
+
+// tunnelConn is the upstream side of a CONNECT tunnel. goproxy closes it
+// last, after the client side, so its Close ends the client connection's
+// serveConn. The embedded *upstream supplies CloseRead, CloseWrite, ReadFrom
+// and WriteTo, which goproxy's relay needs to half-close and splice.
+type tunnelConn struct {
+	*upstream
+	client *servedConn // nil only when the request carried no client
+}
+
+var _ interface {
+	net.Conn
+	CloseRead() error
+	CloseWrite() error
+	io.ReaderFrom
+	io.WriterTo
+} = (*tunnelConn)(nil)
+
+// WriteTo copies from the target to w until the target ends, handing a
+// client's bare TCP socket to the upstream so that the kernel copies.
+func (c *tunnelConn) WriteTo(w io.Writer) (int64, error) {
+	if tc, ok := w.(*tcpClientConn); ok {
+		w = tc.TCPConn
+	}
+	return c.upstream.WriteTo(w)
+}
+
+func (c *tunnelConn) Close() error {
+	err := c.upstream.Close()
+	if c.client != nil {
+		c.client.finish()
+	}
+	return err
+}
+
+// writeConnectError responds to a CONNECT whose dial failed. goproxy also
+// calls it when a relay that could not half-close fails mid-stream. Nothing
+// may be written into an open tunnel, so in that case it only logs.
+func (f *httpFrontend) writeConnectError(w io.Writer, ctx *goproxy.ProxyCtx, err error) {
+	client := clientFromContext(ctx.Req.Context())
+	if client != nil && client.tunnel.Load() {
+		f.log.Debug("tunnel relay failed", logkey.Target, ctx.Req.Host, logkey.Err, err)
+		return
+	}
+
+	resp := errorResponse(ctx.Req, errorStatus(err), errorBody(err))
+	if werr := resp.Write(w); werr != nil {
+		f.log.Debug("writing CONNECT error response", logkey.Target, ctx.Req.Host, logkey.Err, werr)
+	}
+}
+
+// goproxyLogger routes goproxy's own messages to slog at debug level: they
+// repeat what iapd logs itself, in goproxy's words.
+type goproxyLogger struct{ log *slog.Logger }
+
+func (l goproxyLogger) Printf(format string, v ...any) {
+	l.log.Debug("goproxy: " + strings.TrimSpace(fmt.Sprintf(format, v...)))
+}
+
+// chanListener is a net.Listener whose connections come from serveConn
+// instead of a socket, so that core's own accept loop stays in charge.
+type chanListener struct {
+	addr      chanAddr
+	conns     chan net.Conn
+	closed    chan struct{}
+	closeOnce sync.Once
+}
+
+func newChanListener(addr string) *chanListener {
+	return &chanListener{addr: chanAddr(addr), conns: make(chan net.Conn), closed: make(chan struct{})}
+}
+
+// push hands c to Accept and reports whether it was taken before the
+// listener closed.
+func (ln *chanListener) push(c net.Conn) bool {
+	select {
+	case ln.conns <- c:
+		return true
+	case <-ln.closed:
+		return false
+	}
+}
+
+func (ln *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-ln.conns:
+		return c, nil
+	case <-ln.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (ln *chanListener) Close() error {
+	ln.closeOnce.Do(func() { close(ln.closed) })
+	return nil
+}
+
+func (ln *chanListener) Addr() net.Addr { return ln.addr }
+
+// chanAddr is the listen address from the policy, as written there.
+type chanAddr string
+
+func (a chanAddr) Network() string { return "tcp" }
+func (a chanAddr) String() string  { return string(a) }

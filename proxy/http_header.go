@@ -1,0 +1,136 @@
+package proxy
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/textproto"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/elazarl/goproxy"
+
+	"iapd/policy"
+)
+
+// errMalformedCredentials means a Proxy-Authorization header that is not
+// "Basic base64(user:password)".
+var errMalformedCredentials = errors.New("proxy: malformed Proxy-Authorization header")
+
+// hopByHopHeaders are the fields that belong to one connection and never
+// pass a proxy (RFC 9110 section 7.6.1), plus the proxy's own
+// authentication and the nonstandard Proxy-Connection that curl sends.
+var hopByHopHeaders = []string{
+	"Connection",
+	"Keep-Alive",
+	"Proxy-Authenticate",
+	"Proxy-Authorization",
+	"Proxy-Connection",
+	"Te",
+	"Trailer",
+	"Transfer-Encoding",
+	"Upgrade",
+}
+
+// removeHopByHop deletes from h the hop-by-hop fields and every field that
+// its Connection header names.
+//
+// TODO: Upgrade is removed like any hop-by-hop field, so a WebSocket
+// handshake sent as a plain proxy request (GET http://host/ with Upgrade:
+// websocket) reaches the origin as an ordinary GET and fails. Clients that
+// tunnel WebSocket through CONNECT are not affected.
+func removeHopByHop(h http.Header) {
+	for _, v := range h.Values("Connection") {
+		for name := range strings.SplitSeq(v, ",") {
+			if name = textproto.TrimString(name); name != "" {
+				h.Del(name)
+			}
+		}
+	}
+	for _, name := range hopByHopHeaders {
+		h.Del(name)
+	}
+}
+
+// parseBasicCredentials splits a Proxy-Authorization value of the Basic
+// scheme (RFC 7617), whose name is case-insensitive, into user and password.
+func parseBasicCredentials(header string) (user, password string, ok bool) {
+	scheme, encoded, found := strings.Cut(strings.TrimSpace(header), " ")
+	if !found || !strings.EqualFold(scheme, "Basic") {
+		return "", "", false
+	}
+	decoded, err := base64.StdEncoding.DecodeString(strings.TrimSpace(encoded))
+	if err != nil {
+		return "", "", false
+	}
+	return strings.Cut(string(decoded), ":")
+}
+
+// authRequiredResponse is the 407 that requests for Basic
+// credentials. A plain request keeps its connection so that the client can
+// retry on it; goproxy closes the connection of a rejected CONNECT anyway.
+func authRequiredResponse(r *http.Request) *http.Response {
+	body := "iapd: proxy authentication required: send the user name and password of an app on this listener\n"
+	resp := textResponse(r, http.StatusProxyAuthRequired, body)
+	resp.Header.Set("Proxy-Authenticate", `Basic realm="iapd"`)
+	if r.Method == http.MethodConnect {
+		resp.Header.Set("Connection", "close")
+		resp.Close = true
+	}
+	return resp
+}
+
+// errorResponse is a plain-text response that closes the client connection.
+func errorResponse(r *http.Request, status int, body string) *http.Response {
+	resp := textResponse(r, status, body)
+	resp.Header.Set("Connection", "close")
+	resp.Close = true
+	return resp
+}
+
+func textResponse(r *http.Request, status int, body string) *http.Response {
+	resp := goproxy.NewResponse(r, "text/plain; charset=utf-8", status, body)
+	// NewResponse copies the request's transfer encoding; the body here
+	// has a known length.
+	resp.TransferEncoding = nil
+	resp.Header.Set("Content-Length", strconv.Itoa(len(body)))
+	return resp
+}
+
+// errorStatus maps a dial or round-trip error to the status the client
+// gets: 503 when no access point can carry the connection, 504 on a
+// timeout, 400 for a target that is not host:port, and 502 otherwise.
+func errorStatus(err error) int {
+	switch {
+	case errors.Is(err, ErrInvalidTarget):
+		return http.StatusBadRequest
+	case errors.Is(err, policy.ErrNoUsableAccessPoint):
+		return http.StatusServiceUnavailable
+	case isTimeout(err):
+		return http.StatusGatewayTimeout
+	}
+	return http.StatusBadGateway
+}
+
+func isTimeout(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
+		return true
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// errorBody is the text of an error response: the error, and the
+// destination that was tried when the error text does not name it yet.
+func errorBody(err error) string {
+	text := err.Error()
+	var de *DialError
+	if errors.As(err, &de) && de.Destination != "" && !strings.Contains(text, strconv.Quote(de.Destination)) {
+		text = fmt.Sprintf("destination %q: %s", de.Destination, text)
+	}
+	return "iapd: " + text + "\n"
+}

@@ -1,0 +1,221 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sync/atomic"
+	"time"
+
+	"github.com/elazarl/goproxy"
+
+	"iapd/internal/logkey"
+	"iapd/policy"
+)
+
+// errDirectDial means goproxy reached for its own transport, which would
+// dial out of no particular access point.
+var errDirectDial = errors.New("proxy: dial without an access point")
+
+const (
+	// Limits of the pooled upstream connections of absolute-form requests.
+	httpUpstreamIdleTimeout  = 90 * time.Second
+	httpUpstreamIdlePerHost  = 8
+	httpUpstreamTLSHandshake = 10 * time.Second
+)
+
+// transportKey selects the http.Transport of one app on one access point.
+// http.Transport pools connections by target alone, so a transport must
+// never be shared across access points. Keying by app as well keeps each
+// pooled connection counted against the app that it serves.
+type transportKey struct {
+	app *policy.App
+	ap  *policy.AccessPoint
+}
+
+// dialDeadlineKey carries the dial deadline of one access point's attempt
+// from roundTrip to dialPlain.
+type dialDeadlineKey struct{}
+
+// handleRequest identifies the app of an absolute-form request, strips the
+// hop-by-hop headers and sets the round tripper that dials for that app.
+func (f *httpFrontend) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request, *http.Response) {
+	app, resp := f.identify(r)
+	if resp != nil {
+		return r, resp
+	}
+	if r.URL.Scheme != "http" && r.URL.Scheme != "https" {
+		body := fmt.Sprintf("iapd: scheme %q is not supported: request http:// URLs or use CONNECT\n", r.URL.Scheme)
+		return r, errorResponse(r, http.StatusBadRequest, body)
+	}
+
+	// goproxy strips only some proxy headers and keeps the fields that
+	// Connection names; removeHopByHop takes them all.
+	removeHopByHop(r.Header)
+	ctx.RoundTripper = goproxy.RoundTripperFunc(func(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
+		return f.roundTrip(req, app), nil
+	})
+	return r, nil
+}
+
+// roundTrip sends req for app through the access points of its plan in
+// order. It moves to the next access point only when dialling failed, so
+// that no request is sent twice, and it always returns a response: the
+// upstream's, or an error response for the client.
+func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App) *http.Response {
+	target := requestTarget(req.URL)
+	plan := policy.NewPlan(app, target, f.s.cfg.Network.Usability())
+	if err := plan.Err(); err != nil {
+		de := &DialError{Op: "select", App: app.Name, Destination: plan.Destination.Name, Target: target, Err: err}
+		f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, de)
+		return errorResponse(req, errorStatus(de), errorBody(de))
+	}
+
+	var body *retryableBody
+	if req.Body != nil && req.Body != http.NoBody {
+		body = &retryableBody{ReadCloser: req.Body}
+	}
+
+	deadline := time.Now().Add(f.s.cfg.DialTimeout)
+	var errs []error
+	for i, ap := range plan.Candidates {
+		// Each access point gets a share of the dial time left, so that one
+		// that drops packets leaves time for the next.
+		share := attemptDeadline(deadline, len(plan.Candidates)-i)
+		out := req.WithContext(context.WithValue(req.Context(), dialDeadlineKey{}, share))
+		// Connection: close from the client ends the client's connection,
+		// not the pooled upstream one.
+		out.Close = false
+		if body != nil {
+			out.Body = body
+		}
+
+		resp, err := f.transport(app, ap).RoundTrip(out)
+		if err == nil {
+			removeHopByHop(resp.Header)
+			if resp.ContentLength < 0 {
+				// goproxy flushes each piece of the body to the client only
+				// when the header says chunked; without that, a streamed
+				// response waits in http.Server's buffer. http.Server turns
+				// the field into its own framing for the client.
+				resp.Header.Set("Transfer-Encoding", "chunked")
+			}
+			return resp
+		}
+		// dialAccessPoint leaves the app and the destination empty.
+		var de *DialError
+		if errors.As(err, &de) {
+			de.App = app.Name
+			de.Destination = plan.Destination.Name
+		}
+		errs = append(errs, err)
+
+		var df *dialFailure
+		if !errors.As(err, &df) || (body != nil && body.started.Load()) || i == len(plan.Candidates)-1 {
+			break
+		}
+		f.log.Info("dial failed, trying next access point", logkey.App, app.Name, logkey.Target, target,
+			logkey.AccessPoint, ap.Name, logkey.Err, err)
+	}
+
+	// As in a failover dial, the client gets the first access point's error
+	// and the log gets them all.
+	f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, errors.Join(errs...))
+	return errorResponse(req, errorStatus(errs[0]), errorBody(errs[0]))
+}
+
+// transport returns the transport of app on ap, creating it on first use.
+func (f *httpFrontend) transport(app *policy.App, ap *policy.AccessPoint) *http.Transport {
+	key := transportKey{app: app, ap: ap}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if t, ok := f.transports[key]; ok {
+		return t
+	}
+	t := &http.Transport{
+		Proxy: nil,
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			return f.dialPlain(ctx, app, ap, addr)
+		},
+		DisableCompression:  true,
+		IdleConnTimeout:     httpUpstreamIdleTimeout,
+		MaxIdleConnsPerHost: httpUpstreamIdlePerHost,
+		TLSHandshakeTimeout: httpUpstreamTLSHandshake,
+	}
+	f.transports[key] = t
+	return t
+}
+
+// dialPlain dials addr through ap for a pooled connection and registers it
+// in the connection table. Its errors are *dialFailure, so that roundTrip
+// can tell that nothing of the request was sent.
+func (f *httpFrontend) dialPlain(ctx context.Context, app *policy.App, ap *policy.AccessPoint, addr string) (net.Conn, error) {
+	ctx, cancel := f.s.dialContext(ctx)
+	defer cancel()
+	if deadline, ok := ctx.Value(dialDeadlineKey{}).(time.Time); ok {
+		var cancelShare context.CancelFunc
+		ctx, cancelShare = context.WithDeadline(ctx, deadline)
+		defer cancelShare()
+	}
+
+	c, err := f.s.dialAccessPoint(ctx, ap, addr)
+	if err != nil {
+		return nil, &dialFailure{err: err}
+	}
+	return f.s.track(c, app, f.l, addr, ap), nil
+}
+
+// dialFailure marks an error that happened while dialling, before any byte
+// of the request was written.
+type dialFailure struct{ err error }
+
+func (e *dialFailure) Error() string { return e.err.Error() }
+func (e *dialFailure) Unwrap() error { return e.err }
+
+// retryableBody lets a request body survive a failed attempt: http.Transport
+// closes the body when its dial fails, which would leave nothing for the
+// next access point. started reports whether any attempt began reading it;
+// http.Server closes the real body when the handler returns.
+type retryableBody struct {
+	io.ReadCloser
+	started atomic.Bool
+}
+
+func (b *retryableBody) Read(p []byte) (int, error) {
+	b.started.Store(true)
+	return b.ReadCloser.Read(p)
+}
+
+func (b *retryableBody) Close() error { return nil }
+
+// attemptDeadline returns the dial deadline of one of left attempts: an even
+// share of the time until deadline, but at least minAttemptTime of it.
+func attemptDeadline(deadline time.Time, left int) time.Time {
+	remaining := time.Until(deadline)
+	if left <= 1 || remaining <= 0 {
+		return deadline
+	}
+	share := max(remaining/time.Duration(left), min(minAttemptTime, remaining))
+	return time.Now().Add(share)
+}
+
+// requestTarget returns host:port of an absolute-form request URL, with
+// the scheme's default port when the URL has none.
+func requestTarget(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		port = "80"
+		if u.Scheme == "https" {
+			port = "443"
+		}
+	}
+	return net.JoinHostPort(u.Hostname(), port)
+}
+
+func refuseDial(context.Context, string, string) (net.Conn, error) {
+	return nil, errDirectDial
+}

@@ -1,0 +1,66 @@
+package proxy
+
+import (
+	"bufio"
+	"net"
+	"time"
+
+	"iapd/internal/logkey"
+	"iapd/policy"
+)
+
+// socks4Rejected is the SOCKS4 reply "request rejected or failed": version
+// 0, status 0x5B, and six bytes of port and address that clients ignore.
+var socks4Rejected = []byte{0x00, 0x5B, 0, 0, 0, 0, 0, 0}
+
+// serveMixed distinguishes SOCKS5 from HTTP by the first byte the client sends,
+// without consuming it, and hands the connection to that front end. SOCKS5
+// starts with its version 5. An HTTP request starts with a method, in
+// ASCII letters. SOCKS4 starts with 4 and is rejected in its own protocol.
+func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Frontend, web *httpFrontend) {
+	logger := s.logger.With(logkey.Listener, l.Listen, logkey.Client, c.RemoteAddr().String())
+
+	c.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	first, c, err := peekByte(c)
+	if err != nil {
+		logger.Debug("reading first byte failed", logkey.Err, err)
+		c.Close()
+		return
+	}
+
+	switch {
+	case first == 0x05:
+		socks.serveConn(c)
+	case first == 0x04:
+		logger.Debug("client rejected: SOCKS4 is not supported")
+		c.Write(socks4Rejected)
+		c.Close()
+	case 'A' <= first && first <= 'Z', 'a' <= first && first <= 'z':
+		// The HTTP front end sets its own deadlines.
+		c.SetDeadline(time.Time{})
+		web.serveConn(c)
+	default:
+		logger.Debug("client rejected: unknown protocol", "first_byte", first)
+		c.Close()
+	}
+}
+
+// peekedConn is a connection whose first bytes were read ahead into r.
+type peekedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *peekedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// peekBuffered reads the first byte of c into a buffer and returns it with
+// a connection that reads the buffer first. The returned connection is no
+// longer a *net.TCPConn, so its relay copies in user space.
+func peekBuffered(c net.Conn) (byte, net.Conn, error) {
+	r := bufio.NewReaderSize(c, 512)
+	b, err := r.Peek(1)
+	if err != nil {
+		return 0, c, err
+	}
+	return b[0], &peekedConn{Conn: c, r: r}, nil
+}
