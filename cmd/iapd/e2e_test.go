@@ -19,10 +19,10 @@ import (
 	"iapd/internal/testbed"
 )
 
-// These tests run the iapd binary in a test bed (see package testbed):
-// uplinks wifi and cell use the same addresses, the host's default route
-// leads to wifi, and each uplink's web server responds with its own name and
-// the client address it saw. curl is the client throughout.
+// These tests run the iapd binary in a test bed (see package testbed).
+// Uplinks wifi and cell use the same addresses, and the host's default route
+// leads to wifi. Each uplink's web server responds with its own name and the
+// client address it saw. curl is the client throughout.
 
 func TestMain(m *testing.M) {
 	os.Exit(testbed.Main(m))

@@ -5,7 +5,6 @@ import (
 
 	"iapd/dns"
 	"iapd/iface"
-	"iapd/internal/logkey"
 	"iapd/policy"
 	"iapd/proxy"
 )
@@ -32,7 +31,7 @@ func newNetwork(pol *policy.Policy, links *iface.Manager, logger *slog.Logger) *
 			Search:   ap.Search,
 			Timeouts: ap.DNSTimeouts,
 			Dial:     links.Dialer(ap).DialContext,
-			Logger:   logger.With(logkey.AccessPoint, ap.Name),
+			Logger:   logger,
 		})
 	}
 	return n

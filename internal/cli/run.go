@@ -79,7 +79,6 @@ func serve(ctx context.Context, pol *policy.Policy, logger *slog.Logger) error {
 	var wg sync.WaitGroup
 	for i, ln := range listeners {
 		l := pol.Listeners[i]
-		logger.Info("listener started", logkey.Listener, ln.Addr().String(), "protocol", l.Protocol.String(), logkey.App, listenerApp(l))
 		wg.Go(func() {
 			if err := srv.Serve(ln, l); err != nil {
 				logger.Error("listener stopped", logkey.Listener, ln.Addr().String(), logkey.Err, err)
@@ -121,13 +120,6 @@ func listen(pol *policy.Policy) ([]net.Listener, error) {
 		lns = append(lns, ln)
 	}
 	return lns, nil
-}
-
-func listenerApp(l *policy.Listener) string {
-	if l.App != nil {
-		return l.App.Name
-	}
-	return "(by credentials)"
 }
 
 // notifySystemd sends state to the service manager when iapd runs under

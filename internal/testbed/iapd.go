@@ -1,0 +1,267 @@
+package testbed
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Numbers of the routing tables and rules iapd installs with the policy's
+// default routing settings: table RoutingTable+i for access point i, rules
+// at RulePriority.
+const (
+	RoutingTable    = 18100
+	RoutingTableMax = RoutingTable + 255 // highest table number checked for leftovers
+	RulePriority    = 18100
+)
+
+const (
+	readyTimeout = 10 * time.Second
+	stopTimeout  = 10 * time.Second
+)
+
+var build struct {
+	once sync.Once
+	dir  string
+	path string
+	err  error
+}
+
+// Binary builds ./cmd/iapd of the module the test runs in, once per test
+// process, and returns the path of the executable. A build failure fails t.
+// The executable lives in a temporary directory that Main removes.
+func Binary(t testing.TB) string {
+	t.Helper()
+	build.once.Do(func() {
+		build.path, build.err = buildBinary()
+	})
+	if build.err != nil {
+		t.Fatalf("building iapd: %v", build.err)
+	}
+	return build.path
+}
+
+func buildBinary() (string, error) {
+	root, err := moduleRoot()
+	if err != nil {
+		return "", err
+	}
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		return "", fmt.Errorf("finding the go command: %w", err)
+	}
+	build.dir, err = os.MkdirTemp("", "iapd-testbed-")
+	if err != nil {
+		return "", fmt.Errorf("creating build directory: %w", err)
+	}
+	path := filepath.Join(build.dir, "iapd")
+	cmd := exec.Command(goTool, "build", "-o", path, "./cmd/iapd")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build ./cmd/iapd in %s: %w\n%s", root, err, out)
+	}
+	return path, nil
+}
+
+// moduleRoot walks up from the working directory, which go test sets to the
+// package's directory, to the directory holding go.mod.
+func moduleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("reading working directory: %w", err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("finding module root: no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// Main runs the tests of m and then removes the binary that Binary built.
+// Call it from TestMain as os.Exit(testbed.Main(m)).
+func Main(m *testing.M) int {
+	code := m.Run()
+	if build.dir != "" {
+		os.RemoveAll(build.dir)
+	}
+	return code
+}
+
+// WritePolicy writes policy to a new file in t's temporary directory and
+// returns its path.
+func WritePolicy(t testing.TB, policy string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "iapd.yaml")
+	if err := os.WriteFile(path, []byte(policy), 0o600); err != nil {
+		t.Fatalf("writing policy: %v", err)
+	}
+	return path
+}
+
+// Iapd is an iapd process running in a bed's host namespace. Its methods
+// are safe for concurrent use.
+type Iapd struct {
+	PolicyPath string
+
+	cmd   *exec.Cmd
+	ready chan struct{} // closed when iapd logged "ready"
+	done  chan struct{} // closed when the process has exited and its log is read
+	err   error         // result of Wait; read only after done
+
+	mu   sync.Mutex // protects logs
+	logs []string
+}
+
+// Start runs "iapd run" with policy in the host namespace and waits until
+// it logs that it is ready. env entries ("NAME=value") are added to the
+// environment of iapd, which is where password_env variables go. At
+// cleanup Start sends SIGTERM and checks that iapd exits 0 and leaves no
+// routing rule or table behind.
+func (b *Bed) Start(t testing.TB, policy string, env ...string) *Iapd {
+	t.Helper()
+	bin := Binary(t)
+	d := &Iapd{
+		PolicyPath: WritePolicy(t, policy),
+		ready:      make(chan struct{}),
+		done:       make(chan struct{}),
+	}
+
+	// ip netns exec runs the binary in place of itself, so the process
+	// started here is iapd and receives the signals sent to it.
+	d.cmd = b.Host.Command(context.Background(), bin, "run", "-c", d.PolicyPath, "--log-format", "json", "--log-level", "debug")
+	d.cmd.Env = append(withoutProxyVariables(os.Environ()), env...)
+	stderr, err := d.cmd.StderrPipe()
+	if err != nil {
+		t.Fatalf("starting iapd: %v", err)
+	}
+	if err := d.cmd.Start(); err != nil {
+		t.Fatalf("starting iapd: %v", err)
+	}
+
+	sink := newLogSink(t)
+	go func() {
+		d.readLog(stderr, sink)
+		// Wait closes the pipe, so it runs only after the log is read.
+		d.err = d.cmd.Wait()
+		close(d.done)
+	}()
+	t.Cleanup(func() { d.stop(t, b) })
+
+	select {
+	case <-d.ready:
+		return d
+	case <-d.done:
+		t.Fatalf("iapd exited before it was ready: %v", d.err)
+	case <-time.After(readyTimeout):
+		t.Fatalf("iapd did not log %q within %v", "ready", readyTimeout)
+	}
+	return nil
+}
+
+func (d *Iapd) readLog(r io.Reader, sink *logSink) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
+	for sc.Scan() {
+		line := sc.Text()
+		sink.logf("iapd: %s", line)
+		d.mu.Lock()
+		d.logs = append(d.logs, line)
+		d.mu.Unlock()
+
+		var rec struct {
+			Msg string `json:"msg"`
+		}
+		if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == "ready" {
+			select {
+			case <-d.ready:
+			default:
+				close(d.ready)
+			}
+		}
+	}
+	// Drain what a too long line left, so that iapd never blocks writing.
+	io.Copy(io.Discard, r)
+}
+
+// Logs returns what iapd wrote to standard error so far, one JSON record a
+// line.
+func (d *Iapd) Logs() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return strings.Join(d.logs, "\n")
+}
+
+// stop sends SIGTERM and checks the exit status and that iapd removed its
+// routing rules and tables.
+func (d *Iapd) stop(t testing.TB, b *Bed) {
+	t.Helper()
+	select {
+	case <-d.done:
+		select {
+		case <-d.ready:
+			t.Errorf("iapd exited before the test ended: %v", d.err)
+		default: // Start has reported it
+		}
+	default:
+		if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Errorf("sending SIGTERM to iapd: %v", err)
+		}
+		select {
+		case <-d.done:
+			if d.err != nil {
+				t.Errorf("iapd after SIGTERM: %v, want exit status 0", d.err)
+			}
+		case <-time.After(stopTimeout):
+			d.cmd.Process.Kill()
+			<-d.done
+			t.Errorf("iapd did not exit within %v of SIGTERM", stopTimeout)
+		}
+	}
+	for _, left := range b.Leftovers(t) {
+		t.Errorf("iapd left behind in %s: %s", b.Host.Name, left)
+	}
+}
+
+var tableRE = regexp.MustCompile(`\btable (\d+)\b`)
+
+// Leftovers lists the rules at iapd's priority and the routes in iapd's
+// tables that exist in the host namespace.
+func (b *Bed) Leftovers(t testing.TB) []string {
+	t.Helper()
+	var left []string
+	for _, family := range []string{"-4", "-6"} {
+		for _, line := range strings.Split(b.Host.IP(t, family, "rule", "show"), "\n") {
+			if strings.HasPrefix(line, strconv.Itoa(RulePriority)+":") {
+				left = append(left, "rule "+strings.TrimSpace(line))
+			}
+		}
+		for _, line := range strings.Split(b.Host.IP(t, family, "route", "show", "table", "all"), "\n") {
+			m := tableRE.FindStringSubmatch(line)
+			if m == nil {
+				continue
+			}
+			if n, _ := strconv.Atoi(m[1]); n >= RoutingTable && n <= RoutingTableMax {
+				left = append(left, "route "+strings.TrimSpace(line))
+			}
+		}
+	}
+	return left
+}

@@ -1,0 +1,205 @@
+package testbed
+
+import (
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// webServer responds to every HTTP request with the uplink's name and the
+// client address it saw, which is how a test proves which interface and
+// source address a connection left through.
+type webServer struct {
+	accepted atomic.Int64
+}
+
+func startWeb(t testing.TB, u *Uplink) *webServer {
+	t.Helper()
+	w := &webServer{}
+	sink := newLogSink(t)
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			client := r.RemoteAddr
+			if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+				client = ap.Addr().Unmap().String()
+			}
+			fmt.Fprintf(rw, "uplink=%s client=%s\n", u.Name, client)
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          log.New(sink, "web "+u.Name+": ", 0),
+	}
+
+	var wg sync.WaitGroup
+	for _, ip := range []netip.Addr{WebIPv4, WebIPv6} {
+		ln := u.NS.Listen(t, "tcp", netip.AddrPortFrom(ip, 80).String())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := srv.Serve(&countingListener{Listener: ln, accepted: &w.accepted})
+			if !errors.Is(err, http.ErrServerClosed) {
+				sink.logf("web %s on %s: %v", u.Name, ln.Addr(), err)
+			}
+		}()
+	}
+	t.Cleanup(func() {
+		srv.Close()
+		wg.Wait()
+	})
+	return w
+}
+
+type countingListener struct {
+	net.Listener
+	accepted *atomic.Int64
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.accepted.Add(1)
+	}
+	return c, err
+}
+
+// dnsServer is an authoritative server for the names of the bed:
+// www.<uplink>.test (A and AAAA), v6.<uplink>.test (AAAA only) and
+// both.test (A on every uplink). It answers NXDOMAIN for anything else and
+// logs every question.
+type dnsServer struct {
+	uplink string
+
+	mu  sync.Mutex // protects log
+	log []string
+}
+
+const dnsTTL = 60 // seconds
+
+func startDNS(t testing.TB, u *Uplink) *dnsServer {
+	t.Helper()
+	d := &dnsServer{uplink: u.Name}
+	sink := newLogSink(t)
+
+	var servers []*dns.Server
+	for _, ip := range []netip.Addr{DNSIPv4, DNSIPv6} {
+		addr := netip.AddrPortFrom(ip, 53).String()
+		servers = append(servers,
+			&dns.Server{PacketConn: u.NS.ListenPacket(t, "udp", addr), Handler: d},
+			&dns.Server{Listener: u.NS.Listen(t, "tcp", addr), Handler: d},
+		)
+	}
+
+	var wg sync.WaitGroup
+	for _, srv := range servers {
+		started := make(chan struct{})
+		srv.NotifyStartedFunc = func() { close(started) }
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.ActivateAndServe(); err != nil {
+				sink.logf("dns %s: %v", u.Name, err)
+			}
+		}()
+		// Shutdown refuses a server that has not started, which would
+		// leave its goroutine running.
+		<-started
+	}
+	t.Cleanup(func() {
+		for _, srv := range servers {
+			srv.Shutdown()
+		}
+		wg.Wait()
+	})
+	return d
+}
+
+// ServeDNS answers one query; it implements dns.Handler.
+func (d *dnsServer) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
+	m := new(dns.Msg)
+	m.SetReply(req)
+	// Go's resolver takes a reply that is neither authoritative nor
+	// recursive for a lame referral and ignores it.
+	m.Authoritative = true
+	m.RecursionAvailable = true
+
+	if len(req.Question) != 1 {
+		m.SetRcode(req, dns.RcodeFormatError)
+		w.WriteMsg(m)
+		return
+	}
+	q := req.Question[0]
+	name := strings.ToLower(q.Name)
+	d.record(name + " " + dns.TypeToString[q.Qtype])
+
+	v4, v6, known := d.records(name)
+	switch {
+	case !known:
+		m.SetRcode(req, dns.RcodeNameError)
+	case q.Qtype == dns.TypeA && v4.IsValid():
+		m.Answer = append(m.Answer, &dns.A{
+			Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: dnsTTL},
+			A:   v4.AsSlice(),
+		})
+	case q.Qtype == dns.TypeAAAA && v6.IsValid():
+		m.Answer = append(m.Answer, &dns.AAAA{
+			Hdr:  dns.RR_Header{Name: q.Name, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: dnsTTL},
+			AAAA: v6.AsSlice(),
+		})
+	}
+	if len(m.Answer) == 0 {
+		// A negative answer carries the zone's SOA, so resolvers know how
+		// long they may cache it.
+		m.Ns = append(m.Ns, &dns.SOA{
+			Hdr:     dns.RR_Header{Name: "test.", Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: dnsTTL},
+			Ns:      "ns.test.",
+			Mbox:    "hostmaster.test.",
+			Serial:  1,
+			Refresh: 3600,
+			Retry:   600,
+			Expire:  86400,
+			Minttl:  dnsTTL,
+		})
+	}
+	w.WriteMsg(m)
+}
+
+// records returns the addresses of name on d's uplink; known is false when
+// the name does not exist there.
+func (d *dnsServer) records(name string) (v4, v6 netip.Addr, known bool) {
+	switch name {
+	case "www." + d.uplink + ".test.":
+		return WebIPv4, WebIPv6, true
+	case "v6." + d.uplink + ".test.":
+		return netip.Addr{}, WebIPv6, true
+	case "both.test.":
+		return WebIPv4, netip.Addr{}, true
+	}
+	return netip.Addr{}, netip.Addr{}, false
+}
+
+func (d *dnsServer) record(question string) {
+	d.mu.Lock()
+	d.log = append(d.log, question)
+	d.mu.Unlock()
+}
+
+func (d *dnsServer) queries() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]string(nil), d.log...)
+}
+
+func (d *dnsServer) reset() {
+	d.mu.Lock()
+	d.log = nil
+	d.mu.Unlock()
+}
