@@ -1,0 +1,242 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// settleTime is how long iapd is left alone before its memory is read, so
+// that goroutines started for the last tunnels have run.
+const settleTime = time.Second
+
+// memorySample is one run of the memory measure.
+type memorySample struct {
+	tunnels                          int // tunnels open when "with" was read
+	before, with                     memoryUsage
+	filesBefore, filesWith           int
+	threads                          int
+	goroutinesBefore, goroutinesWith int // -1 when iapd does not serve pprof
+	note                             string
+}
+
+// iapdFileMargin is the number of descriptors left free in iapd beside
+// the tunnels, for its own files and a pprof request.
+const iapdFileMargin = 256
+
+// probeTunnels is the size of the first batch of tunnels, from which the
+// memory measure learns how many file descriptors iapd spends on one.
+const probeTunnels = 100
+
+// measureMemory starts a fresh iapd for each repeat, so that no run measures
+// heap left over from an earlier one, and reads its memory before and
+// with opts.tunnels idle SOCKS5 tunnels open.
+func measureMemory(ctx context.Context, opts *options, env *environment, res *results, progress func(string, ...any)) error {
+	const col = "socks5"
+	noGoroutines := false
+	notes := map[string]bool{}
+	for r := range opts.repeat {
+		d, err := startIapd(ctx, opts.iapdPath, env, true)
+		if err != nil {
+			return err
+		}
+		s, err := runMemory(ctx, d, env, opts.tunnels, opts.setupWorkers)
+		if err != nil {
+			err = withIapdState(fmt.Errorf("memory run %d: %w", r+1, err), d)
+		}
+		if stopErr := d.stop(); err == nil {
+			err = stopErr
+		}
+		if err != nil {
+			return err
+		}
+		if s.note != "" && !notes[s.note] {
+			notes[s.note] = true
+			progress("%s", s.note)
+			res.note("%s", s.note)
+		}
+
+		n := float64(s.tunnels)
+		res.add(sectionMemory, "tunnels open", col, "", n)
+		res.add(sectionMemory, "RSS idle", col, "KiB", float64(s.before.RSS))
+		res.add(sectionMemory, "RSS with tunnels", col, "KiB", float64(s.with.RSS))
+		res.add(sectionMemory, "RSS per tunnel", col, "KiB", float64(s.with.RSS-s.before.RSS)/n)
+		res.add(sectionMemory, "PSS idle", col, "KiB", float64(s.before.PSS))
+		res.add(sectionMemory, "PSS with tunnels", col, "KiB", float64(s.with.PSS))
+		res.add(sectionMemory, "PSS per tunnel", col, "KiB", float64(s.with.PSS-s.before.PSS)/n)
+		res.add(sectionMemory, "file descriptors per tunnel", col, "", float64(s.filesWith-s.filesBefore)/n)
+		res.add(sectionMemory, "threads with tunnels", col, "", float64(s.threads))
+		if s.goroutinesWith >= 0 {
+			res.add(sectionMemory, "goroutines idle", col, "", float64(s.goroutinesBefore))
+			res.add(sectionMemory, "goroutines with tunnels", col, "", float64(s.goroutinesWith))
+			res.add(sectionMemory, "goroutines per tunnel", col, "", float64(s.goroutinesWith-s.goroutinesBefore)/n)
+		} else {
+			res.figure(sectionMemory, "goroutines per tunnel", col, "")
+			noGoroutines = true
+		}
+		progress("memory run %d/%d: %d tunnels, RSS %d -> %d KiB, %.1f KiB per tunnel",
+			r+1, opts.repeat, s.tunnels, s.before.RSS, s.with.RSS, float64(s.with.RSS-s.before.RSS)/n)
+	}
+	if noGoroutines {
+		res.note("goroutines: n/a, because iapd did not serve net/http/pprof at %s (a thread count is not a goroutine count)", pprofEnv)
+	}
+	return nil
+}
+
+func runMemory(ctx context.Context, d *iapd, env *environment, tunnels, workers int) (memorySample, error) {
+	s := memorySample{tunnels: tunnels}
+	time.Sleep(settleTime)
+	var err error
+	if s.before, err = processMemory(d.pid); err != nil {
+		return s, err
+	}
+	if s.filesBefore, err = processFiles(d.pid); err != nil {
+		return s, err
+	}
+	s.goroutinesBefore = goroutineCount(d)
+
+	c := clientFor(mode{Name: "socks5", kind: kindSOCKS5}, d)
+	var conns []*net.TCPConn
+	defer func() {
+		for _, conn := range conns {
+			conn.Close()
+		}
+	}()
+
+	// A first batch shows how many descriptors iapd spends per tunnel,
+	// which decides how many tunnels fit under its RLIMIT_NOFILE.
+	probe := min(probeTunnels, tunnels)
+	conns, err = openTunnels(ctx, c, env.sinks, probe, workers, conns)
+	if err != nil {
+		return s, err
+	}
+	if s.tunnels, s.note, err = fitTunnels(d.pid, tunnels, probe, s.filesBefore); err != nil {
+		return s, err
+	}
+	if conns, err = openTunnels(ctx, c, env.sinks, s.tunnels-probe, workers, conns); err != nil {
+		return s, err
+	}
+
+	time.Sleep(settleTime)
+	if s.with, err = processMemory(d.pid); err != nil {
+		return s, err
+	}
+	if s.filesWith, err = processFiles(d.pid); err != nil {
+		return s, err
+	}
+	if s.threads, err = processThreads(d.pid); err != nil {
+		return s, err
+	}
+	s.goroutinesWith = goroutineCount(d)
+	if s.goroutinesBefore < 0 {
+		s.goroutinesWith = -1
+	}
+	return s, nil
+}
+
+// fitTunnels returns how many tunnels iapd can hold under its file limit,
+// at most want, given that probe tunnels are open and iapd had filesBefore
+// descriptors without them. When that is fewer than want, the note gives
+// the reason.
+func fitTunnels(pid, want, probe, filesBefore int) (int, string, error) {
+	files, err := processFiles(pid)
+	if err != nil {
+		return 0, "", err
+	}
+	limit, err := processFileLimit(pid)
+	if err != nil {
+		return 0, "", err
+	}
+	perTunnel := float64(files-filesBefore) / float64(probe)
+	if perTunnel <= 0 {
+		return want, "", nil
+	}
+	fit := int(float64(limit-filesBefore-iapdFileMargin) / perTunnel)
+	if fit >= want {
+		return want, "", nil
+	}
+	fit = max(fit, probe)
+	return fit, fmt.Sprintf("tunnels lowered from %d to %d: iapd uses %.1f file descriptors per tunnel and its RLIMIT_NOFILE is %d",
+		want, fit, perTunnel, limit), nil
+}
+
+// openTunnels opens n more tunnels to the echo sinks and checks each with
+// one echoed byte, so that every tunnel is relaying end to end when it is
+// counted. It returns conns with the new tunnels appended, also on error.
+func openTunnels(ctx context.Context, c client, s *sinks, n, workers int, conns []*net.TCPConn) ([]*net.TCPConn, error) {
+	var (
+		mu       sync.Mutex // protects conns and firstErr
+		firstErr error
+		next     atomic.Int64
+		wg       sync.WaitGroup
+	)
+	for w := range workers {
+		wg.Go(func() {
+			for next.Add(1) <= int64(n) && ctx.Err() == nil {
+				conn, err := c.dial(ctx, s.echoAddr(w))
+				if err == nil {
+					if err = echoByte(conn); err != nil {
+						conn.Close()
+					}
+				}
+				mu.Lock()
+				if err != nil && firstErr == nil {
+					firstErr = err
+				}
+				if err == nil {
+					conns = append(conns, conn)
+				}
+				stop := firstErr != nil
+				mu.Unlock()
+				if stop {
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return conns, fmt.Errorf("opening tunnel %d (%d open): %w", len(conns)+1, len(conns), firstErr)
+	}
+	return conns, ctx.Err()
+}
+
+// goroutineCount returns iapd's goroutine count from its net/http/pprof
+// endpoint, or -1 when iapd does not serve one.
+func goroutineCount(d *iapd) int {
+	if d.pprof == "" {
+		return -1
+	}
+	client := http.Client{Timeout: 5 * time.Second}
+	resp, err := client.Get("http://" + d.pprof + "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return -1
+	}
+
+	// The first line of the debug=1 text format reads
+	// "goroutine profile: total N".
+	line, err := bufio.NewReader(resp.Body).ReadString('\n')
+	if err != nil {
+		return -1
+	}
+	total, ok := strings.CutPrefix(strings.TrimSpace(line), "goroutine profile: total ")
+	if !ok {
+		return -1
+	}
+	n, err := strconv.Atoi(total)
+	if err != nil {
+		return -1
+	}
+	return n
+}
