@@ -65,7 +65,7 @@ type usageError struct{ err error }
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
-// silentError marks a failure whose details the command already printed.
+// errSilent marks a failure whose details the command already printed.
 var errSilent = errors.New("already reported")
 
 func exitCode(err error, stderr io.Writer) int {

@@ -18,7 +18,7 @@ import (
 	"iapd/proxy"
 )
 
-// defaultPolicyPath is where iapd looks for its policy without -c.
+// defaultPolicyPath is the policy file iapd reads without -c.
 const defaultPolicyPath = "/etc/iapd/iapd.yaml"
 
 // shutdownTimeout bounds how long SIGTERM waits for open connections.
