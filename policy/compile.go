@@ -45,6 +45,7 @@ func compile(raw *rawPolicy) (*Policy, ErrorList) {
 	c.destinations()
 	c.apps()
 	c.listeners()
+	c.control()
 	c.p.Routing = Routing{
 		Table:        int(raw.Routing.Table),
 		Mark:         uint32(raw.Routing.Mark),

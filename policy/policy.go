@@ -30,6 +30,7 @@ type Policy struct {
 	AccessPointOrder []*AccessPoint
 
 	Routing Routing
+	Control Control
 }
 
 // Routing holds the numbers of the routing tables, firewall marks and rules

@@ -33,12 +33,16 @@ type rawPolicy struct {
 	// Routing (key routing, optional) sets the numbers of iapd's own
 	// routing tables, firewall marks and rules; all have defaults.
 	Routing rawRouting
+	// Control (key control, optional) sets the control socket and the
+	// HTTP listener for metrics, the status page and the PAC file; see
+	// control.go.
+	Control rawControl
 
 	listenersPos position // of the listeners value; zero when absent
 	pos          position
 }
 
-var policyKeys = []string{"listeners", "apps", "access_points", "destinations", "routing"}
+var policyKeys = []string{"listeners", "apps", "access_points", "destinations", "routing", "control"}
 
 func (p *rawPolicy) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -86,6 +90,8 @@ func (p *rawPolicy) UnmarshalYAML(n *yaml.Node) error {
 			}
 		case "routing":
 			errs.merge(key, p.Routing.UnmarshalYAML(v))
+		case "control":
+			errs.merge(key, p.Control.UnmarshalYAML(v))
 		}
 	})
 
