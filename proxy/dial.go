@@ -47,13 +47,17 @@ func (s *Server) dial(ctx context.Context, app *policy.App, l *policy.Listener, 
 	plan := policy.NewPlan(app, target, s.cfg.Network.Usability())
 	if err := plan.Err(); err != nil {
 		s.logger.Debug("no usable access point", logkey.App, app.Name, logkey.Target, target, logkey.Err, err)
-		return nil, &DialError{Op: "select", App: app.Name, Destination: plan.Destination.Name, Target: target, Err: err}
+		derr := &DialError{Op: "select", App: app.Name, Destination: plan.Destination.Name, Target: target, Err: err}
+		s.observeDial(app, "", target, 0, derr)
+		return nil, derr
 	}
 
 	var first *DialError
 	var rest []error
 	for i, ap := range plan.Candidates {
+		started := time.Now()
 		c, derr := s.dialAttempt(ctx, ap, host, port, target, len(plan.Candidates)-i)
+		s.observeDial(app, ap.Name, target, time.Since(started), derr)
 		if derr == nil {
 			if first != nil {
 				s.logger.Debug("failed over", logkey.App, app.Name, logkey.Target, target,
@@ -80,6 +84,21 @@ func (s *Server) dial(ctx context.Context, app *policy.App, l *policy.Listener, 
 	first.Destination = plan.Destination.Name
 	first.Rest = errors.Join(rest...)
 	return nil, first
+}
+
+// observeDial passes the outcome of one attempt to Config.OnDialAttempt.
+func (s *Server) observeDial(app *policy.App, ap, target string, d time.Duration, derr *DialError) {
+	if s.cfg.OnDialAttempt == nil {
+		return
+	}
+	s.cfg.OnDialAttempt(DialAttempt{
+		App:         app.Name,
+		Destination: app.Destination.Name,
+		AccessPoint: ap,
+		Target:      target,
+		Duration:    d,
+		Err:         derr,
+	})
 }
 
 // dialAttempt dials through ap within its share of the time left in ctx,

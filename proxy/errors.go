@@ -14,6 +14,9 @@ var (
 	// ErrInvalidTarget means the client asked for something that is not
 	// host:port with a numeric port.
 	ErrInvalidTarget = errors.New("proxy: invalid target")
+	// ErrNotServed means a listener passed to Update or Retire is not
+	// being served.
+	ErrNotServed = errors.New("proxy: listener not served")
 )
 
 // DialError is the one error type of the dial path. When several access

@@ -71,6 +71,7 @@ func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App) *http.Respo
 	plan := policy.NewPlan(app, target, f.s.cfg.Network.Usability())
 	if err := plan.Err(); err != nil {
 		de := &DialError{Op: "select", App: app.Name, Destination: plan.Destination.Name, Target: target, Err: err}
+		f.s.observeDial(app, "", target, 0, de)
 		f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, de)
 		return errorResponse(req, errorStatus(de), errorBody(de))
 	}
@@ -162,7 +163,11 @@ func (f *httpFrontend) dialPlain(ctx context.Context, app *policy.App, ap *polic
 		defer cancelShare()
 	}
 
+	started := time.Now()
 	c, err := f.s.dialAccessPoint(ctx, ap, addr)
+	var derr *DialError
+	errors.As(err, &derr)
+	f.s.observeDial(app, ap.Name, addr, time.Since(started), derr)
 	if err != nil {
 		return nil, &dialFailure{err: err}
 	}

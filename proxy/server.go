@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"iapd/internal/logkey"
@@ -34,6 +35,21 @@ type Config struct {
 	// OnClose, if set, is called once for every connection as it leaves the
 	// table, with its final byte counts. It must not block.
 	OnClose func(ConnInfo)
+	// OnDialAttempt, if set, is called after every attempt to reach a
+	// target through one access point, and once with an empty AccessPoint
+	// when no access point of the destination was usable. It must not
+	// block.
+	OnDialAttempt func(DialAttempt)
+}
+
+// DialAttempt is the outcome of one attempt to reach a target.
+type DialAttempt struct {
+	App         string
+	Destination string
+	AccessPoint string // empty when no access point was usable
+	Target      string
+	Duration    time.Duration // resolving and connecting
+	Err         *DialError    // nil when the attempt connected
 }
 
 // Server runs the front ends of the policy's listeners and keeps the table
@@ -50,13 +66,11 @@ type Server struct {
 	conns sync.WaitGroup // one per accepted connection until its front end returns
 
 	mu        sync.Mutex
-	closed    bool                      // guarded by mu
-	listeners map[net.Listener]struct{} // guarded by mu
-	clients   map[net.Conn]struct{}     // guarded by mu; accepted connections still being served
-	// TODO: a front end stays here until Close even after its Serve has
-	// returned, so a daemon that re-serves listeners on reload keeps one
-	// idle HTTP front end per reload until it exits.
-	frontends []*httpFrontend // guarded by mu; closed by Close
+	closed    bool                             // guarded by mu
+	draining  bool                             // guarded by mu; set by Shutdown, which stops all accepting
+	listeners map[net.Listener]*servedListener // guarded by mu
+	clients   map[net.Conn]struct{}            // guarded by mu; accepted connections still being served
+	frontends map[*frontend]struct{}           // guarded by mu; front ends not yet closed
 }
 
 // NewServer returns a Server that dials through cfg.Network. It panics when
@@ -81,24 +95,26 @@ func NewServer(cfg Config) *Server {
 		logger:    cfg.Logger.With(logkey.Component, "proxy"),
 		ctx:       ctx,
 		cancel:    cancel,
-		listeners: make(map[net.Listener]struct{}),
+		listeners: make(map[net.Listener]*servedListener),
 		clients:   make(map[net.Conn]struct{}),
+		frontends: make(map[*frontend]struct{}),
 	}
 }
 
 // Serve accepts connections on ln and serves each with the front end of
-// l.Protocol. It blocks until ln fails or the server closes, and returns nil
-// in the second case. Serve closes ln before it returns.
+// l.Protocol. It blocks until ln fails, Retire retires it, or the server
+// shuts down or closes, and returns nil in the last three cases. Serve
+// closes ln before it returns.
 func (s *Server) Serve(ln net.Listener, l *policy.Listener) error {
 	defer ln.Close()
-	serve, err := s.frontendFor(l)
+	fe, err := s.newFrontend(l)
 	if err != nil {
 		return err
 	}
-	if serve == nil {
-		return nil // closed while starting
-	}
-	if !s.addListener(ln) {
+	sl := &servedListener{ln: ln}
+	sl.cur.Store(fe)
+	if !s.addListener(sl) {
+		s.releaseFrontend(fe)
 		return nil
 	}
 	defer s.removeListener(ln)
@@ -110,7 +126,7 @@ func (s *Server) Serve(ln net.Listener, l *policy.Listener) error {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if s.isClosed() {
+			if s.isStopping() || sl.retired.Load() {
 				return nil
 			}
 			var te interface{ Temporary() bool }
@@ -130,33 +146,216 @@ func (s *Server) Serve(ln net.Listener, l *policy.Listener) error {
 			c.Close()
 			return nil
 		}
+		fe := sl.acquire()
 		go func() {
 			defer s.removeClient(c)
-			serve(c)
+			defer fe.release()
+			fe.serve(c)
 		}()
 	}
 }
 
-// frontendFor returns the function that serves one client of l.
-func (s *Server) frontendFor(l *policy.Listener) (func(net.Conn), error) {
+// Update makes the connections that ln accepts from now on follow l, which
+// may name other apps, users or another protocol than before. Connections
+// already accepted keep the listener they came in on: an HTTP front end
+// that is replaced serves its open connections until they end, without
+// keep-alive, and then closes. It returns ErrNotServed when ln is not
+// being served.
+func (s *Server) Update(ln net.Listener, l *policy.Listener) error {
+	s.mu.Lock()
+	sl, ok := s.listeners[ln]
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("updating %s: %w", l.Listen, ErrNotServed)
+	}
+	fe, err := s.newFrontend(l)
+	if err != nil {
+		return err
+	}
+	old := sl.cur.Swap(fe)
+	s.retireFrontend(old)
+	return nil
+}
+
+// Retire stops accepting on ln and closes it, while the connections it
+// accepted go on until they end. Serve then returns nil. It returns
+// ErrNotServed when ln is not being served.
+func (s *Server) Retire(ln net.Listener) error {
+	s.mu.Lock()
+	sl, ok := s.listeners[ln]
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("retiring %s: %w", ln.Addr(), ErrNotServed)
+	}
+	sl.retired.Store(true)
+	if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+		return fmt.Errorf("closing listener %s: %w", ln.Addr(), err)
+	}
+	s.retireFrontend(sl.cur.Load())
+	return nil
+}
+
+// Shutdown stops accepting on every listener and waits until the
+// connections already accepted have ended or ctx is done, then closes the
+// server as Close does. It returns ctx's error when connections were still
+// open.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.draining = true
+	served := make([]*servedListener, 0, len(s.listeners))
+	for _, sl := range s.listeners {
+		served = append(served, sl)
+	}
+	s.mu.Unlock()
+
+	for _, sl := range served {
+		sl.ln.Close()
+		s.retireFrontend(sl.cur.Load())
+	}
+
+	drained := make(chan struct{})
+	go func() {
+		s.conns.Wait()
+		close(drained)
+	}()
+	var err error
+	select {
+	case <-drained:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	return errors.Join(err, s.Close())
+}
+
+// newFrontend builds the front end of l.
+func (s *Server) newFrontend(l *policy.Listener) (*frontend, error) {
+	fe := &frontend{l: l}
 	switch l.Protocol {
 	case policy.ProtocolSOCKS5:
-		return s.newSOCKS5Frontend(l).serveConn, nil
+		fe.serve = s.newSOCKS5Frontend(l).serveConn
 	case policy.ProtocolHTTP:
-		web := s.newHTTPFrontend(l)
-		if !s.addFrontend(web) {
-			return nil, nil
-		}
-		return web.serveConn, nil
+		fe.web = s.newHTTPFrontend(l)
+		fe.serve = fe.web.serveConn
 	case policy.ProtocolMixed:
 		web := s.newHTTPFrontend(l)
-		if !s.addFrontend(web) {
-			return nil, nil
-		}
 		socks := s.newSOCKS5Frontend(l)
-		return func(c net.Conn) { s.serveMixed(c, l, socks, web) }, nil
+		fe.web = web
+		fe.serve = func(c net.Conn) { s.serveMixed(c, l, socks, web) }
+	default:
+		return nil, fmt.Errorf("serving %s: unknown protocol %d", l.Listen, l.Protocol)
 	}
-	return nil, fmt.Errorf("serving %s: unknown protocol %d", l.Listen, l.Protocol)
+
+	s.mu.Lock()
+	closed := s.closed
+	if !closed {
+		s.frontends[fe] = struct{}{}
+	}
+	s.mu.Unlock()
+	if closed {
+		fe.close()
+	}
+	fe.onIdle = func() { s.releaseFrontend(fe) }
+	return fe, nil
+}
+
+// retireFrontend lets fe finish the connections it serves and close
+// afterwards.
+func (s *Server) retireFrontend(fe *frontend) {
+	if fe.web != nil {
+		// Idle keep-alive clients are closed now, busy ones after their
+		// response, so that their next request follows the new policy.
+		fe.web.srv.SetKeepAlivesEnabled(false)
+	}
+	fe.retire()
+}
+
+// releaseFrontend closes fe and forgets it.
+func (s *Server) releaseFrontend(fe *frontend) {
+	s.mu.Lock()
+	delete(s.frontends, fe)
+	s.mu.Unlock()
+	if err := fe.close(); err != nil {
+		s.logger.Debug("closing front end", logkey.Listener, fe.l.Listen, logkey.Err, err)
+	}
+}
+
+// servedListener is a listener socket being served and the front end that
+// the connections it accepts get.
+type servedListener struct {
+	ln      net.Listener
+	cur     atomic.Pointer[frontend]
+	retired atomic.Bool // set by Retire, so that Serve returns nil
+}
+
+// acquire returns the current front end, counted as busy with one more
+// connection. A front end retired meanwhile may already be closed, so
+// acquire then takes the one that replaced it.
+func (sl *servedListener) acquire() *frontend {
+	for {
+		fe := sl.cur.Load()
+		if fe.acquire() {
+			return fe
+		}
+	}
+}
+
+// frontend serves the connections of one policy listener. A retired front
+// end takes no new connections through a servedListener and closes once
+// the last of its connections has ended.
+type frontend struct {
+	l      *policy.Listener
+	serve  func(net.Conn)
+	web    *httpFrontend // the HTTP front end of http and mixed listeners; nil for socks5
+	onIdle func()        // called once when retired and idle
+
+	mu      sync.Mutex
+	active  int  // guarded by mu; connections being served
+	retired bool // guarded by mu
+	done    bool // guarded by mu; onIdle has been called
+}
+
+func (fe *frontend) acquire() bool {
+	fe.mu.Lock()
+	defer fe.mu.Unlock()
+	if fe.done {
+		return false
+	}
+	fe.active++
+	return true
+}
+
+func (fe *frontend) release() {
+	fe.mu.Lock()
+	fe.active--
+	idle := fe.retired && fe.active == 0 && !fe.done
+	if idle {
+		fe.done = true
+	}
+	fe.mu.Unlock()
+	if idle {
+		fe.onIdle()
+	}
+}
+
+func (fe *frontend) retire() {
+	fe.mu.Lock()
+	fe.retired = true
+	idle := fe.active == 0 && !fe.done
+	if idle {
+		fe.done = true
+	}
+	fe.mu.Unlock()
+	if idle {
+		fe.onIdle()
+	}
+}
+
+// close closes the HTTP front end, if any, with its open connections.
+func (fe *frontend) close() error {
+	if fe.web == nil {
+		return nil
+	}
+	return fe.web.close()
 }
 
 // Close stops every listener being served, closes every client and
@@ -177,7 +376,11 @@ func (s *Server) Close() error {
 	for c := range s.clients {
 		clients = append(clients, c)
 	}
-	frontends := s.frontends
+	frontends := make([]*frontend, 0, len(s.frontends))
+	for fe := range s.frontends {
+		frontends = append(frontends, fe)
+	}
+	clear(s.frontends)
 	s.mu.Unlock()
 
 	var errs []error
@@ -203,21 +406,22 @@ func (s *Server) Close() error {
 	return errors.Join(errs...)
 }
 
-func (s *Server) isClosed() bool {
+// isStopping reports whether the server is shutting down or closed.
+func (s *Server) isStopping() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.closed
+	return s.closed || s.draining
 }
 
-// addListener registers ln for Close and reports false when the server is
-// closed already.
-func (s *Server) addListener(ln net.Listener) bool {
+// addListener registers sl for Close and reports false when the server is
+// shutting down or closed already.
+func (s *Server) addListener(sl *servedListener) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closed || s.draining {
 		return false
 	}
-	s.listeners[ln] = struct{}{}
+	s.listeners[sl.ln] = sl
 	return true
 }
 
@@ -225,23 +429,6 @@ func (s *Server) removeListener(ln net.Listener) {
 	s.mu.Lock()
 	delete(s.listeners, ln)
 	s.mu.Unlock()
-}
-
-// addFrontend registers f for Close and reports false, after closing f,
-// when the server is closed already.
-func (s *Server) addFrontend(f *httpFrontend) bool {
-	s.mu.Lock()
-	closed := s.closed
-	if !closed {
-		s.frontends = append(s.frontends, f)
-	}
-	s.mu.Unlock()
-
-	if closed {
-		f.close()
-		return false
-	}
-	return true
 }
 
 // addClient registers an accepted connection for Close and counts it in

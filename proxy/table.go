@@ -120,6 +120,16 @@ func (s *Server) track(c net.Conn, app *policy.App, l *policy.Listener, target s
 // Conns returns a snapshot of the connection table, oldest first.
 func (s *Server) Conns() []ConnInfo { return s.table.list() }
 
+// CloseConn closes the connection with the given ID and reports whether
+// there was one.
+func (s *Server) CloseConn(id uint64) bool {
+	n := s.table.closeMatching(func(u *upstream) bool { return u.info.ID == id }, false)
+	if n > 0 {
+		s.logger.Info("closed connection on request", "id", id)
+	}
+	return n > 0
+}
+
 // CloseAccessPoint closes the open connections that go through the access
 // point named ap, so that their clients reconnect instead of waiting on a
 // way out that is gone. It returns how many it closed.
