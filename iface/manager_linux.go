@@ -44,21 +44,17 @@ func NewManager(cfg ManagerConfig) (*Manager, error) {
 		logger = slog.New(slog.DiscardHandler)
 	}
 	p := cfg.Policy
+	slots := assignSlots(p, nil)
 
-	var bound []*policy.AccessPoint
-	for _, ap := range p.AccessPointOrder {
-		if !ap.IsDefault() {
-			bound = append(bound, ap)
-		}
-	}
-	if err := checkCapabilities(p, bound); err != nil {
+	bound := boundAccessPoints(p)
+	if err := checkCapabilities(p, bound, slots); err != nil {
 		return nil, err
 	}
 	if len(bound) > 0 && p.Routing.Mark == 0 {
 		return nil, fmt.Errorf("iface: routing mark 0 means unmarked and cannot select a table: set routing.mark in the policy")
 	}
 
-	m := &Manager{monitor: cfg.Monitor}
+	m := &Manager{monitor: cfg.Monitor, logger: logger, routing: p.Routing, slots: slots}
 	if m.monitor == nil {
 		mon, err := NewMonitor(logger)
 		if err != nil {
@@ -66,12 +62,12 @@ func NewManager(cfg ManagerConfig) (*Manager, error) {
 		}
 		m.monitor, m.ownMonitor = mon, true
 	}
-	m.dialers = newDialers(p, m.monitor)
+	m.dialers.Store(&dialerSet{cur: newDialers(p, slots, m.monitor)})
 	if len(bound) == 0 {
 		return m, nil
 	}
 
-	k, err := newTableKeeper(p, bound, logger)
+	k, err := newTableKeeper(p, bound, slots, logger)
 	if err != nil {
 		if m.ownMonitor {
 			m.monitor.Close()
@@ -89,6 +85,77 @@ func NewManager(cfg ManagerConfig) (*Manager, error) {
 	m.unregisterHook = m.monitor.registerReadHook(k.reconcile)
 	k.reconcile(m.monitor.Snapshot())
 	return m, nil
+}
+
+// Update switches the manager to p, a reloaded policy: access points that
+// keep their name keep their routing table and mark, new ones get tables
+// and rules, and the tables and rules of removed ones are deleted. It
+// checks first and changes nothing when p needs a capability iapd lacks,
+// changes the routing numbers, or numbers a table or mark out of range;
+// the error then says why.
+func (m *Manager) Update(p *policy.Policy) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return errors.New("iface: manager closed")
+	}
+	if p.Routing != m.routing {
+		return fmt.Errorf("routing numbers changed (table %d, mark %#x, priority %d before; table %d, mark %#x, priority %d now): restart iapd to apply them",
+			m.routing.Table, m.routing.Mark, m.routing.RulePriority, p.Routing.Table, p.Routing.Mark, p.Routing.RulePriority)
+	}
+	slots := assignSlots(p, m.slots)
+	if err := checkSlots(p, slots); err != nil {
+		return err
+	}
+	bound := boundAccessPoints(p)
+	if err := checkCapabilities(p, bound, slots); err != nil {
+		return err
+	}
+
+	if m.routes == nil && len(bound) > 0 {
+		k, err := newTableKeeper(p, bound, slots, m.logger)
+		if err != nil {
+			return err
+		}
+		m.routes = k
+		m.unregisterHook = m.monitor.registerReadHook(k.reconcile)
+	}
+	m.slots = slots
+	m.dialers.Store(&dialerSet{cur: newDialers(p, slots, m.monitor), prev: m.dialers.Load().cur})
+	if m.routes != nil {
+		m.routes.update(bound, slots, m.monitor.Snapshot())
+	}
+	return nil
+}
+
+// checkSlots checks that the tables and marks that slots give stay valid.
+// The policy's own validation covers one offset per access point in file
+// order; offsets kept across reloads can go past that.
+func checkSlots(p *policy.Policy, slots map[string]int) error {
+	for _, ap := range p.AccessPointOrder {
+		if ap.IsDefault() {
+			continue
+		}
+		table := int64(p.Routing.Table) + int64(slots[ap.Name])
+		mark := int64(p.Routing.Mark) + int64(slots[ap.Name])
+		switch {
+		case table >= unix.RT_TABLE_DEFAULT && table <= unix.RT_TABLE_LOCAL, table > 1<<31-1:
+			return fmt.Errorf("access point %q would use routing table %d, which the kernel reserves or does not have: restart iapd to number the tables afresh", ap.Name, table)
+		case mark > 1<<32-1:
+			return fmt.Errorf("access point %q would use firewall mark %#x, which does not fit 32 bits: restart iapd to number the marks afresh", ap.Name, mark)
+		}
+	}
+	return nil
+}
+
+func boundAccessPoints(p *policy.Policy) []*policy.AccessPoint {
+	var bound []*policy.AccessPoint
+	for _, ap := range p.AccessPointOrder {
+		if !ap.IsDefault() {
+			bound = append(bound, ap)
+		}
+	}
+	return bound
 }
 
 // capabilityError names the capability an access point lacks. It wraps
@@ -109,7 +176,7 @@ func (e *capabilityError) Unwrap() error { return ErrMissingCapability }
 // checkCapabilities returns a *capabilityError naming the first bound
 // access point when the effective capabilities lack CAP_NET_ADMIN (SO_MARK,
 // rules and tables) or CAP_NET_RAW (SO_BINDTODEVICE, see socket(7)).
-func checkCapabilities(p *policy.Policy, bound []*policy.AccessPoint) error {
+func checkCapabilities(p *policy.Policy, bound []*policy.AccessPoint, slots map[string]int) error {
 	if len(bound) == 0 {
 		return nil
 	}
@@ -122,7 +189,7 @@ func checkCapabilities(p *policy.Policy, bound []*policy.AccessPoint) error {
 
 	ap := bound[0]
 	if !has(unix.CAP_NET_ADMIN) {
-		purpose := fmt.Sprintf("to mark its sockets and install routing table %d", p.Routing.Table+ap.Index)
+		purpose := fmt.Sprintf("to mark its sockets and install routing table %d", p.Routing.Table+slots[ap.Name])
 		return &capabilityError{capability: "CAP_NET_ADMIN", ap: ap, purpose: purpose}
 	}
 	if !has(unix.CAP_NET_RAW) {
@@ -146,18 +213,19 @@ type tableKeeper struct {
 	priority  int
 	markBase  uint32
 	tableBase int
-	span      int // marks and tables from the bases that count as iapd's
-	bound     []*policy.AccessPoint
-	tables    map[int]bool // the tables of bound
 
 	mu        sync.Mutex // protects everything below
+	span      int        // marks and tables from the bases that count as iapd's
+	bound     []*policy.AccessPoint
+	slots     map[string]int // access point name to its table and mark offset
+	tables    map[int]bool   // the tables of bound
 	handle    *netlink.Handle
 	closed    bool
 	warned    map[string]bool // warnings logged once, cleared when their condition ends
 	rpChecked map[string]int  // interface name to the index whose rp_filter was checked
 }
 
-func newTableKeeper(p *policy.Policy, bound []*policy.AccessPoint, logger *slog.Logger) (*tableKeeper, error) {
+func newTableKeeper(p *policy.Policy, bound []*policy.AccessPoint, slots map[string]int, logger *slog.Logger) (*tableKeeper, error) {
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink handle: %w", err)
@@ -167,22 +235,65 @@ func newTableKeeper(p *policy.Policy, bound []*policy.AccessPoint, logger *slog.
 		priority:  p.Routing.RulePriority,
 		markBase:  p.Routing.Mark,
 		tableBase: p.Routing.Table,
-		span:      max(leftoverSpan, len(p.AccessPointOrder)),
-		bound:     bound,
-		tables:    make(map[int]bool, len(bound)),
 		handle:    h,
 		warned:    make(map[string]bool),
 		rpChecked: make(map[string]int),
 	}
-	for _, ap := range bound {
-		k.tables[k.table(ap)] = true
-	}
+	k.setBoundLocked(bound, slots)
 	return k, nil
 }
 
-func (k *tableKeeper) table(ap *policy.AccessPoint) int { return k.tableBase + ap.Index }
+// setBoundLocked makes bound the access points whose tables and rules k
+// keeps, numbered by slots.
+func (k *tableKeeper) setBoundLocked(bound []*policy.AccessPoint, slots map[string]int) {
+	k.bound, k.slots = bound, slots
+	k.tables = make(map[int]bool, len(bound))
+	k.span = leftoverSpan
+	for _, ap := range bound {
+		k.tables[k.table(ap)] = true
+		k.span = max(k.span, slots[ap.Name]+1)
+	}
+}
+
+func (k *tableKeeper) table(ap *policy.AccessPoint) int { return k.tableBase + k.slots[ap.Name] }
 func (k *tableKeeper) mark(ap *policy.AccessPoint) uint32 {
-	return k.markBase + uint32(ap.Index)
+	return k.markBase + uint32(k.slots[ap.Name])
+}
+
+// update switches k to a reloaded policy's bound access points. The rules
+// of removed access points go with the next rule reconcile, because it
+// deletes every rule of iapd's that is not wanted; their routes are deleted
+// here, because route reconciling looks only at the tables in use.
+func (k *tableKeeper) update(bound []*policy.AccessPoint, slots map[string]int, s *Snapshot) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return
+	}
+	old := k.tables
+	k.setBoundLocked(bound, slots)
+
+	unused := make(map[int]bool)
+	for t := range old {
+		if !k.tables[t] {
+			unused[t] = true
+		}
+	}
+	k.reconcileRulesLocked()
+	if len(unused) > 0 {
+		routes, err := k.listRoutesLocked(unused)
+		if err != nil {
+			k.logger.Error("listing routes of removed access points failed", logkey.Err, err)
+		}
+		for _, r := range routes {
+			if err := k.handle.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+				k.logger.Warn("deleting route of a removed access point failed", "route", r.String(), logkey.Err, err)
+			}
+		}
+		k.logger.Info("removed routing tables of removed access points", "tables", len(unused), "routes", len(routes))
+	}
+	k.reconcileRoutesLocked(s)
+	k.checkReversePathFilterLocked(s)
 }
 
 // isOwnRule reports whether r looks like a rule iapd installs: at iapd's

@@ -65,7 +65,7 @@ func TestCheckCapabilities(t *testing.T) {
 					bound = append(bound, ap)
 				}
 			}
-			err := checkCapabilities(tt.policy, bound)
+			err := checkCapabilities(tt.policy, bound, assignSlots(tt.policy, nil))
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Fatalf("checkCapabilities: %v", err)

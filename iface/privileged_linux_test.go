@@ -447,3 +447,112 @@ func TestPrivilegedManagerPointToPoint(t *testing.T) {
 		t.Errorf("warned about a missing gateway on a point-to-point link: %q", got)
 	}
 }
+
+func TestPrivilegedManagerUpdate(t *testing.T) {
+	netnstest.Require(t)
+	host := netnstest.New(t, "host")
+	host.Exec(t, "sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=2")
+	newUplink(t, host, "wifi")
+	newUplink(t, host, "cell")
+	host.IP(t, "route", "add", "default", "via", "192.0.2.1", "dev", "wifi")
+	logger, _ := newTestLogger(t)
+
+	// The first policy binds nothing, so the manager starts without tables.
+	first := testPolicy(&policy.AccessPoint{Name: "host", Interface: policy.DefaultInterface})
+	var mgr *Manager
+	if err := host.Do(func() (err error) {
+		mgr, err = NewManager(ManagerConfig{Policy: first, Logger: logger})
+		return err
+	}); err != nil {
+		t.Fatalf("NewManager: %v", err)
+	}
+	t.Cleanup(func() { mgr.Close() })
+
+	update := func(p *policy.Policy) error {
+		return host.Do(func() error { return mgr.Update(p) })
+	}
+	waitRules := func(want ...string) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			var got []string
+			for _, line := range strings.Split(host.IP(t, "rule", "show"), "\n") {
+				if strings.HasPrefix(line, "18100:") {
+					got = append(got, strings.TrimSpace(strings.TrimPrefix(line, "18100:")))
+				}
+			}
+			// Rules of one priority are listed in the order they were added.
+			slices.Sort(got)
+			if slices.Equal(got, want) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("rules at priority 18100: %q, want %q", got, want)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	dialVia := func(p *policy.Policy, name, want string) {
+		t.Helper()
+		got, err := dialIn(host, mgr.Dialer(p.AccessPoints[name]), "tcp", serverV4, 2*time.Second)
+		if err != nil || !strings.HasPrefix(got, want) {
+			t.Fatalf("dial via %s: %q, %v; want %q", name, got, err, want)
+		}
+	}
+
+	// wifi is new, so it takes the first free table although it comes
+	// second in the file.
+	second := testPolicy(
+		&policy.AccessPoint{Name: "host", Interface: policy.DefaultInterface},
+		&policy.AccessPoint{Name: "wifi", Interface: "wifi"},
+	)
+	if err := update(second); err != nil {
+		t.Fatalf("Update to wifi: %v", err)
+	}
+	waitRules("from all fwmark 0x1a901 lookup 18101")
+	dialVia(second, "wifi", "up-wifi ")
+
+	// cell arrives before wifi in the file; wifi keeps its table.
+	third := testPolicy(
+		&policy.AccessPoint{Name: "cell", Interface: "cell", Gateways: mustAddrs("192.0.2.1")},
+		&policy.AccessPoint{Name: "wifi", Interface: "wifi"},
+	)
+	if err := update(third); err != nil {
+		t.Fatalf("Update to cell and wifi: %v", err)
+	}
+	waitRules("from all fwmark 0x1a900 lookup 18100", "from all fwmark 0x1a901 lookup 18101")
+	dialVia(third, "cell", "up-cell ")
+	dialVia(third, "wifi", "up-wifi ")
+	if mgr.Dialer(second.AccessPoints["wifi"]) == nil {
+		t.Errorf("the previous policy's wifi has no dialer right after the reload")
+	}
+
+	// wifi goes: its rule and its table's routes go with it.
+	fourth := testPolicy(&policy.AccessPoint{Name: "cell", Interface: "cell", Gateways: mustAddrs("192.0.2.1")})
+	if err := update(fourth); err != nil {
+		t.Fatalf("Update to cell alone: %v", err)
+	}
+	waitRules("from all fwmark 0x1a900 lookup 18100")
+	if table := host.IP(t, "route", "show", "table", "18101"); strings.TrimSpace(table) != "" {
+		t.Errorf("table 18101 of the removed wifi still has routes:\n%s", table)
+	}
+	dialVia(fourth, "cell", "up-cell ")
+	if mgr.Dialer(second.AccessPoints["wifi"]) != nil {
+		t.Errorf("a policy two reloads old still has a dialer")
+	}
+
+	// A change of routing numbers needs a restart.
+	moved := testPolicy(&policy.AccessPoint{Name: "cell", Interface: "cell"})
+	moved.Routing.Table = 18200
+	err := update(moved)
+	want := "routing numbers changed (table 18100, mark 0x1a900, priority 18100 before; table 18200, mark 0x1a900, priority 18100 now): restart iapd to apply them"
+	if err == nil || err.Error() != want {
+		t.Errorf("Update with new routing numbers = %v\nwant %s", err, want)
+	}
+	waitRules("from all fwmark 0x1a900 lookup 18100")
+
+	if err := mgr.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	waitRules()
+}
