@@ -17,17 +17,33 @@ var Version = "dev"
 
 // Exit codes that scripts can rely on.
 const (
-	exitOK      = 0
-	exitFailure = 1 // the command ran and failed (invalid policy, dial error, ...)
-	exitUsage   = 2 // the command line itself is wrong
+	exitOK          = 0
+	exitFailure     = 1 // the command ran and failed (invalid policy, reload rejected, nothing usable, ...)
+	exitUsage       = 2 // the command line itself is wrong
+	exitUnreachable = 3 // no iapd answers on the control socket
+	exitTimeout     = 4 // iapd wait ran out of time
 )
 
 const usage = `usage: iapd <command> [flags]
 
 commands:
-  run       serve a policy:            iapd run -c FILE
-  validate  check a policy, list every problem:  iapd validate -c FILE
+  run       serve a policy:                          iapd run -c FILE
+  validate  check a policy, list every problem:      iapd validate -c FILE
+  status    show listeners, access points, destinations and apps
+  conns     list live connections; -close ID closes one
+  events    follow events, one line each, until interrupted
+  reload    load the policy file again without dropping connections
+  explain   show which access point a connection would use:
+                                                     iapd explain -app NAME -target HOST:PORT
+  wait      block until something is usable:         iapd wait -access-point NAME [-timeout 30s]
+                                                     iapd wait -destination NAME [-timeout 30s]
   version   print the version
+
+The control commands talk to the running iapd over its socket (-socket
+PATH, or $IAPD_SOCKET) and print JSON with -json.
+
+Exit codes: 0 success; 1 failure; 2 wrong command line; 3 iapd not
+reachable; 4 wait timed out.
 
 Run "iapd <command> -h" for the flags of a command.
 `
@@ -46,6 +62,18 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = runCommand(args[1:], stderr)
 	case "validate":
 		err = validateCommand(args[1:], stdout, stderr)
+	case "status":
+		err = statusCommand(args[1:], stdout, stderr)
+	case "conns":
+		err = connsCommand(args[1:], stdout, stderr)
+	case "events":
+		err = eventsCommand(args[1:], stdout, stderr)
+	case "reload":
+		err = reloadCommand(args[1:], stdout, stderr)
+	case "explain":
+		err = explainCommand(args[1:], stdout, stderr)
+	case "wait":
+		err = waitCommand(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, versionString())
 		return exitOK
@@ -79,9 +107,18 @@ func exitCode(err error, stderr io.Writer) int {
 	}
 
 	fmt.Fprintf(stderr, "iapd: %v\n", err)
-	var ue usageError
-	if errors.As(err, &ue) {
+	var (
+		ue usageError
+		re unreachableError
+		te timeoutError
+	)
+	switch {
+	case errors.As(err, &ue):
 		return exitUsage
+	case errors.As(err, &re):
+		return exitUnreachable
+	case errors.As(err, &te):
+		return exitTimeout
 	}
 	return exitFailure
 }

@@ -8,29 +8,30 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"sync"
 	"syscall"
 	"time"
 
-	"iapd/iface"
-	"iapd/internal/logkey"
 	"iapd/policy"
-	"iapd/proxy"
 )
 
 // defaultPolicyPath is the policy file iapd reads without -c.
 const defaultPolicyPath = "/etc/iapd/iapd.yaml"
 
-// shutdownTimeout bounds how long SIGTERM waits for open connections.
-const shutdownTimeout = 5 * time.Second
+// defaultDrainTimeout bounds how long SIGTERM waits for open connections.
+const defaultDrainTimeout = 10 * time.Second
 
 func runCommand(args []string, stderr io.Writer) error {
 	fs := newFlagSet("run", stderr)
 	path := fs.String("c", defaultPolicyPath, "policy `file` to serve")
 	logFormat := fs.String("log-format", "text", "log `format`: text or json")
 	logLevel := fs.String("log-level", "info", "log `level`: debug, info, warn or error")
+	socket := fs.String("socket", "", "control socket `path`, in place of the policy's control.socket")
+	drain := fs.Duration("drain-timeout", defaultDrainTimeout, "on SIGTERM, how long open connections may go on before they are closed")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if *drain < 0 {
+		return usageError{fmt.Errorf("invalid -drain-timeout %v: must not be negative", *drain)}
 	}
 	logger, err := newLogger(stderr, *logFormat, *logLevel)
 	if err != nil {
@@ -51,75 +52,41 @@ func runCommand(args []string, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	return serve(ctx, pol, logger)
+	hangup := make(chan os.Signal, 1)
+	signal.Notify(hangup, syscall.SIGHUP)
+	defer signal.Stop(hangup)
+	return serve(ctx, pol, daemonOptions{socket: *socket}, *drain, hangup, logger)
 }
 
-// serve runs the daemon for pol until ctx ends, then stops accepting,
-// closes open connections and removes iapd's routing tables and rules.
-func serve(ctx context.Context, pol *policy.Policy, logger *slog.Logger) error {
-	logger.Info("starting", "version", Version, "policy", pol.Path, "hash", pol.Hash[:12])
-
-	links, err := iface.NewManager(iface.ManagerConfig{Policy: pol, Logger: logger})
+// serve runs the daemon for pol until ctx ends, reloading the policy on
+// every value from hangup. It then stops accepting, lets open connections
+// drain for up to drain, closes the rest and removes iapd's routing tables
+// and rules.
+func serve(ctx context.Context, pol *policy.Policy, opts daemonOptions, drain time.Duration, hangup <-chan os.Signal, logger *slog.Logger) error {
+	logger.Info("starting", "version", Version, "policy", pol.Path, "hash", shortHash(pol.Hash))
+	d, err := startDaemon(pol, opts, logger)
 	if err != nil {
-		return fmt.Errorf("setting up interfaces: %w", err)
-	}
-	defer links.Close()
-
-	srv := proxy.NewServer(proxy.Config{
-		Network: newNetwork(pol, links, logger),
-		Logger:  logger,
-	})
-
-	listeners, err := listen(pol)
-	if err != nil {
-		srv.Close()
 		return err
 	}
-
-	var wg sync.WaitGroup
-	for i, ln := range listeners {
-		l := pol.Listeners[i]
-		wg.Go(func() {
-			if err := srv.Serve(ln, l); err != nil {
-				logger.Error("listener stopped", logkey.Listener, ln.Addr().String(), logkey.Err, err)
-			}
-		})
-	}
-	logger.Info("ready", "listeners", len(listeners))
+	logger.Info("ready", "listeners", len(pol.Listeners))
 	notifySystemd("READY=1")
 
-	<-ctx.Done()
+wait:
+	for {
+		select {
+		case <-hangup:
+			logger.Info("reloading on SIGHUP")
+			// Reload logs and publishes its outcome itself.
+			d.Reload()
+		case <-ctx.Done():
+			break wait
+		}
+	}
 	notifySystemd("STOPPING=1")
 	logger.Info("stopping")
-	done := make(chan struct{})
-	go func() {
-		srv.Close()
-		wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(shutdownTimeout):
-		logger.Warn("connections still open at shutdown", "timeout", shutdownTimeout)
-	}
+	d.shutdown(drain)
+	logger.Info("stopped")
 	return nil
-}
-
-// listen opens every listener before any is served, so that a busy port
-// stops the start instead of leaving a half-running daemon.
-func listen(pol *policy.Policy) ([]net.Listener, error) {
-	var lns []net.Listener
-	for _, l := range pol.Listeners {
-		ln, err := net.Listen("tcp", l.Listen)
-		if err != nil {
-			for _, open := range lns {
-				open.Close()
-			}
-			return nil, fmt.Errorf("opening listener %s: %w", l.Listen, err)
-		}
-		lns = append(lns, ln)
-	}
-	return lns, nil
 }
 
 // notifySystemd sends state to the service manager when iapd runs under
