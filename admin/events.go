@@ -35,6 +35,8 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 
 	events, unsubscribe := s.cfg.Bus.Subscribe(eventBuffer)
 	defer unsubscribe()
+	s.logger.Debug("event stream opened", "remote", r.RemoteAddr)
+	defer s.logger.Debug("event stream closed", "remote", r.RemoteAddr)
 
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")

@@ -124,7 +124,15 @@ func (w *Watcher) Check(u policy.Usability) {
 }
 
 func (w *Watcher) publish(e event.Event) {
-	w.logger.Info(string(e.Kind), logkey.Interface, e.Interface, logkey.AccessPoint, e.AccessPoint,
-		logkey.Destination, e.Destination, "from", e.From, "to", e.To, "reason", e.Reason)
+	var attrs []any
+	for _, kv := range [][2]string{
+		{logkey.Interface, e.Interface}, {logkey.AccessPoint, e.AccessPoint}, {logkey.Destination, e.Destination},
+		{"from", e.From}, {"to", e.To}, {"reason", e.Reason},
+	} {
+		if kv[1] != "" {
+			attrs = append(attrs, kv[0], kv[1])
+		}
+	}
+	w.logger.Info(string(e.Kind), attrs...)
 	w.bus.Publish(e)
 }

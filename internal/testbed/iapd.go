@@ -2,6 +2,7 @@ package testbed
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -120,14 +121,25 @@ func WritePolicy(t testing.TB, policy string) string {
 // are safe for concurrent use.
 type Iapd struct {
 	PolicyPath string
+	Socket     string // the control socket, in the test's temporary directory
 
 	cmd   *exec.Cmd
 	ready chan struct{} // closed when iapd logged "ready"
 	done  chan struct{} // closed when the process has exited and its log is read
 	err   error         // result of Wait; read only after done
 
-	mu   sync.Mutex // protects logs
-	logs []string
+	mu      sync.Mutex // protects logs and stopped
+	logs    []string
+	stopped bool // Stop ended the process, so cleanup expects it gone
+}
+
+// StartOptions are the less common settings of StartWith.
+type StartOptions struct {
+	// Env entries ("NAME=value") are added to iapd's environment, which is
+	// where password_env variables go.
+	Env []string
+	// Args are added to the command line of "iapd run".
+	Args []string
 }
 
 // Start runs "iapd run" with policy in the host namespace and waits until
@@ -137,17 +149,26 @@ type Iapd struct {
 // routing rule or table behind.
 func (b *Bed) Start(t testing.TB, policy string, env ...string) *Iapd {
 	t.Helper()
+	return b.StartWith(t, policy, StartOptions{Env: env})
+}
+
+// StartWith is Start with options. The control socket is a new path in
+// t's temporary directory, so that iapd processes of tests never meet.
+func (b *Bed) StartWith(t testing.TB, policy string, opts StartOptions) *Iapd {
+	t.Helper()
 	bin := Binary(t)
 	d := &Iapd{
 		PolicyPath: WritePolicy(t, policy),
+		Socket:     filepath.Join(t.TempDir(), "iapd.sock"),
 		ready:      make(chan struct{}),
 		done:       make(chan struct{}),
 	}
 
 	// ip netns exec runs the binary in place of itself, so the process
 	// started here is iapd and receives the signals sent to it.
-	d.cmd = b.Host.Command(context.Background(), bin, "run", "-c", d.PolicyPath, "--log-format", "json", "--log-level", "debug")
-	d.cmd.Env = append(withoutProxyVariables(os.Environ()), env...)
+	args := append([]string{"run", "-c", d.PolicyPath, "--log-format", "json", "--log-level", "debug", "--socket", d.Socket}, opts.Args...)
+	d.cmd = b.Host.Command(context.Background(), bin, args...)
+	d.cmd.Env = append(withoutProxyVariables(os.Environ()), opts.Env...)
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {
 		t.Fatalf("starting iapd: %v", err)
@@ -213,11 +234,16 @@ func (d *Iapd) Logs() string {
 // routing rules and tables.
 func (d *Iapd) stop(t testing.TB, b *Bed) {
 	t.Helper()
+	d.mu.Lock()
+	stopped := d.stopped
+	d.mu.Unlock()
 	select {
 	case <-d.done:
 		select {
 		case <-d.ready:
-			t.Errorf("iapd exited before the test ended: %v", d.err)
+			if !stopped {
+				t.Errorf("iapd exited before the test ended: %v", d.err)
+			}
 		default: // Start has reported it
 		}
 	default:
@@ -238,6 +264,62 @@ func (d *Iapd) stop(t testing.TB, b *Bed) {
 	for _, left := range b.Leftovers(t) {
 		t.Errorf("iapd left behind in %s: %s", b.Host.Name, left)
 	}
+}
+
+// Signal sends sig to iapd.
+func (d *Iapd) Signal(t testing.TB, sig os.Signal) {
+	t.Helper()
+	if err := d.cmd.Process.Signal(sig); err != nil {
+		t.Fatalf("sending %v to iapd: %v", sig, err)
+	}
+}
+
+// Stop sends SIGTERM and waits up to timeout for iapd to exit. It returns
+// how long the exit took and the exit error, nil for exit status 0.
+func (d *Iapd) Stop(t testing.TB, timeout time.Duration) (time.Duration, error) {
+	t.Helper()
+	d.mu.Lock()
+	d.stopped = true
+	d.mu.Unlock()
+	started := time.Now()
+	d.Signal(t, syscall.SIGTERM)
+	select {
+	case <-d.done:
+		return time.Since(started), d.err
+	case <-time.After(timeout):
+		d.cmd.Process.Kill()
+		<-d.done
+		t.Fatalf("iapd did not exit within %v of SIGTERM", timeout)
+	}
+	return 0, nil
+}
+
+// Exited returns a channel that is closed when iapd has exited.
+func (d *Iapd) Exited() <-chan struct{} { return d.done }
+
+// CLI runs "iapd args... -socket SOCKET" with the socket of d and returns
+// its standard output, standard error and exit code. The control commands
+// reach iapd through the socket file, so they run outside the bed.
+func (d *Iapd) CLI(t testing.TB, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// Flags must come before positional arguments; the control commands
+	// take none.
+	full := append(append([]string{args[0]}, "-socket", d.Socket), args[1:]...)
+	cmd := exec.CommandContext(ctx, Binary(t), full...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	var exitErr *exec.ExitError
+	switch {
+	case errors.As(err, &exitErr):
+		code = exitErr.ExitCode()
+	case err != nil:
+		t.Fatalf("running iapd %s: %v", strings.Join(args, " "), err)
+	}
+	t.Logf("iapd %s: exit %d\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), code, out.String(), errOut.String())
+	return out.String(), errOut.String(), code
 }
 
 var tableRE = regexp.MustCompile(`\btable (\d+)\b`)

@@ -1,12 +1,14 @@
 package testbed
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"log"
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,14 +20,21 @@ import (
 
 // webServer responds to every HTTP request with the uplink's name and the
 // client address it saw, which is how a test proves which interface and
-// source address a connection left through.
+// source address a connection left through. Two paths do more:
+// /bytes?n=N adds N bytes of 'x' after that line, and /hold sends the line,
+// then waits until the test releases the uplink's hold (see Uplink.Hold)
+// before it sends "done\n".
 type webServer struct {
 	accepted atomic.Int64
+
+	mu      sync.Mutex    // protects release and holding
+	release chan struct{} // closed to let /hold requests finish
+	holding int           // /hold requests waiting
 }
 
 func startWeb(t testing.TB, u *Uplink) *webServer {
 	t.Helper()
-	w := &webServer{}
+	w := &webServer{release: make(chan struct{})}
 	sink := newLogSink(t)
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
@@ -34,6 +43,13 @@ func startWeb(t testing.TB, u *Uplink) *webServer {
 				client = ap.Addr().Unmap().String()
 			}
 			fmt.Fprintf(rw, "uplink=%s client=%s\n", u.Name, client)
+			switch r.URL.Path {
+			case "/bytes":
+				n, _ := strconv.Atoi(r.URL.Query().Get("n"))
+				rw.Write(bytes.Repeat([]byte("x"), n))
+			case "/hold":
+				w.hold(rw, r)
+			}
 		}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          log.New(sink, "web "+u.Name+": ", 0),
@@ -56,6 +72,47 @@ func startWeb(t testing.TB, u *Uplink) *webServer {
 		wg.Wait()
 	})
 	return w
+}
+
+// hold sends what was written so far, then waits for the release or for
+// the client to go.
+func (w *webServer) hold(rw http.ResponseWriter, r *http.Request) {
+	rw.(http.Flusher).Flush()
+	w.mu.Lock()
+	release := w.release
+	w.holding++
+	w.mu.Unlock()
+	defer func() {
+		w.mu.Lock()
+		w.holding--
+		w.mu.Unlock()
+	}()
+
+	select {
+	case <-release:
+		fmt.Fprint(rw, "done\n")
+	case <-r.Context().Done():
+	}
+}
+
+// Hold makes requests for /hold on u wait until the returned function is
+// called; the function may be called more than once. Holding reports how
+// many such requests wait now.
+func (u *Uplink) Hold() (release func()) {
+	w := u.web
+	w.mu.Lock()
+	ch := make(chan struct{})
+	w.release = ch
+	w.mu.Unlock()
+	var once sync.Once
+	return func() { once.Do(func() { close(ch) }) }
+}
+
+// Holding returns how many /hold requests wait on u now.
+func (u *Uplink) Holding() int {
+	u.web.mu.Lock()
+	defer u.web.mu.Unlock()
+	return u.web.holding
 }
 
 type countingListener struct {
