@@ -4,6 +4,7 @@
 #   iproute2    ip netns, veth pairs, routes and rules for namespace tests
 #   curl        the real client in end-to-end tests
 #   util-linux  setpriv, to start iapd without capabilities in a test
+#   chromium    headless browser for the status page and proxy tests
 #   golang-go   only when no Go toolchain is installed; go.mod then makes
 #               it fetch the Go release the module needs
 set -eu
@@ -12,6 +13,7 @@ need=""
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v curl >/dev/null 2>&1 || need="$need curl"
 command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
+command -v chromium >/dev/null 2>&1 || need="$need chromium"
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
 	need="$need golang-go ca-certificates"
 fi

@@ -96,6 +96,22 @@ func moduleRoot() (string, error) {
 	}
 }
 
+// ArtifactDir returns testdata/artifacts at the module root, created when
+// missing, where tests keep files for people to look at (screenshots).
+// The directory is ignored by git.
+func ArtifactDir(t testing.TB) string {
+	t.Helper()
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(root, "testdata", "artifacts")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatalf("creating artifact directory: %v", err)
+	}
+	return dir
+}
+
 // Main runs the tests of m and then removes the binary that Binary built.
 // Call it from TestMain as os.Exit(testbed.Main(m)).
 func Main(m *testing.M) int {

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"iapd/internal/testbed"
+)
+
+// These tests drive Debian's headless Chromium (scripts/setup-debian.sh
+// installs it) inside the bed's host namespace. Each starts Chromium once,
+// which loads one page and prints the DOM it rendered.
+
+// chromium runs headless Chromium in the host namespace on url with
+// extra flags, and returns the DOM it rendered once the page loaded.
+func chromium(t *testing.T, bed *testbed.Bed, url string, flags ...string) string {
+	t.Helper()
+	path, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatalf("chromium (Debian package chromium) is needed: %v", err)
+	}
+	args := []string{
+		"--headless", "--no-sandbox", "--disable-gpu",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--no-first-run", "--user-data-dir=" + t.TempDir(),
+		"--dump-dom",
+	}
+	args = append(append(args, flags...), url)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	started := time.Now()
+	cmd := bed.Host.Command(ctx, path, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err = cmd.Run()
+	t.Logf("chromium %s: %v after %v", url, err, time.Since(started).Round(time.Millisecond))
+	if err != nil {
+		t.Fatalf("chromium: %v\nstderr:\n%s", err, stderr.String())
+	}
+	return stdout.String()
+}
+
+func TestPrivilegedStatusPageInChromium(t *testing.T) {
+	bed, d := startService(t, testbed.StartOptions{})
+	wifi := bed.Uplink("wifi")
+	if _, code := bed.Curl(t, "-o", "/dev/null", "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/bytes?n=100000"); code != 0 {
+		t.Fatalf("download: curl exit %d", code)
+	}
+	release := wifi.Hold()
+	defer release()
+	startCurl(t, bed, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
+	waitUntil(t, "the download to be held", func() bool { return wifi.Holding() == 1 })
+	bed.Uplink("cell").LinkDown(t)
+	waitUntil(t, "cell to be unusable", func() bool {
+		out, _, _ := d.CLI(t, "status")
+		return strings.Contains(out, "unusable: interface cell is down")
+	})
+
+	shot := filepath.Join(testbed.ArtifactDir(t), "status-page.png")
+	dom := chromium(t, bed, "http://127.0.0.1:9180/", "--screenshot="+shot, "--window-size=1280,1400")
+
+	// Each row is matched as the page's script rendered it into the table.
+	for _, row := range []struct{ what, re string }{
+		{"wifi usable", `<tr data-name="wifi"><td>wifi</td><td>wifi</td><td class="usable">usable</td>`},
+		{"cell down", `<tr data-name="cell"><td>cell</td><td>cell</td><td class="unusable">unusable: interface cell is down</td>`},
+		{"browser goes to wifi", `<tr data-name="browser"><td>browser</td><td>wifi</td><td class="usable">wifi</td>`},
+		{"mail fails over to wifi", `<tr data-name="mail"><td>mail</td><td>cell-first</td><td class="usable">wifi</td>`},
+		{"destination order", `<tr data-name="cell-first"><td>cell-first</td><td>cell → wifi</td><td class="usable">wifi</td><td>mail</td></tr>`},
+		{"held connection", `<td>browser</td><td>127.0.0.1:1080</td><td>www.wifi.test:80</td><td>wifi</td><td>wifi</td>`},
+		{"bytes of the download", `<tr data-name="wifi"><td>wifi</td>.*?<td class="num">9[0-9.]+ KiB</td><td class="num">0</td></tr>`},
+		{"interface table", `<tr data-name="cell"><td>cell</td><td class="num">\d+</td><td class="unusable">down</td>`},
+	} {
+		if !regexp.MustCompile(row.re).MatchString(dom) {
+			t.Errorf("the rendered page lacks %s (%s)", row.what, row.re)
+		}
+	}
+	if !strings.Contains(dom, "policy "+d.PolicyPath) {
+		t.Errorf("the rendered page does not name the policy")
+	}
+	if t.Failed() {
+		t.Logf("rendered DOM:\n%s", dom)
+	}
+	t.Logf("screenshot: %s", shot)
+}
+
+func TestPrivilegedChromiumThroughSOCKS5(t *testing.T) {
+	bed, _ := startService(t, testbed.StartOptions{})
+	wifi, cell := bed.Uplink("wifi"), bed.Uplink("cell")
+
+	// mail's listener leads to cell; Chromium sends the host name through
+	// SOCKS5 and iapd resolves it with cell's DNS server.
+	dom := chromium(t, bed, "http://www.cell.test/", "--proxy-server=socks5://127.0.0.1:1081")
+	if !strings.Contains(dom, strings.TrimSuffix(viaCell, "\n")) {
+		t.Errorf("Chromium rendered %q, want the page of cell (%q)", dom, viaCell)
+	}
+	if !cell.Queried("www.cell.test") {
+		t.Errorf("cell's DNS server was not asked for www.cell.test; its log: %q", cell.Queries())
+	}
+	if wifi.Queried("www.cell.test") {
+		t.Errorf("wifi's DNS server was asked for www.cell.test")
+	}
+}
+
+func TestPrivilegedChromiumUsesPAC(t *testing.T) {
+	bed, _ := startService(t, testbed.StartOptions{})
+
+	// The PAC file sends *.cell.test to mail's listener, which leads to
+	// cell; every other host would go to browser's, which leads to wifi.
+	dom := chromium(t, bed, "http://www.cell.test/", "--proxy-pac-url=http://127.0.0.1:9180/proxy.pac")
+	if !strings.Contains(dom, strings.TrimSuffix(viaCell, "\n")) {
+		t.Errorf("Chromium rendered %q, want the page of cell (%q)", dom, viaCell)
+	}
+	if bed.Uplink("wifi").Queried("www.cell.test") {
+		t.Errorf("wifi's DNS server was asked for www.cell.test")
+	}
+}
