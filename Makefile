@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X iapd/internal/cli.Version=$(VERSION)
 CONFIG ?= config.example.yaml
 
-.PHONY: all setup build run test vet bench clean
+.PHONY: all setup build run test vet bench clean install
 
 all: build
 
@@ -32,6 +32,28 @@ test: setup vet
 # bench/README.md. BENCHFLAGS=-quick gives a run of about 30 s.
 bench: build
 	$(GO) run ./bench/iapdbench -iapd bin/iapd -out bench/out $(BENCHFLAGS)
+
+# install puts iapd where deploy/iapd.service expects it, installs the unit
+# and, when there is none yet, the example policy as /etc/iapd/iapd.yaml.
+# It creates the system user and group iapd that the service runs as, unless
+# DESTDIR is set (packaging). Then: systemctl daemon-reload && systemctl
+# enable --now iapd
+PREFIX ?= /usr/local
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
+install: build
+	install -D -m 0755 bin/iapd $(DESTDIR)$(PREFIX)/bin/iapd
+	install -D -m 0644 deploy/iapd.service $(DESTDIR)$(SYSTEMD_UNIT_DIR)/iapd.service
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/doc/iapd
+	install -m 0644 README.md config.example.yaml $(DESTDIR)$(PREFIX)/share/doc/iapd/
+	cp -R docs $(DESTDIR)$(PREFIX)/share/doc/iapd/
+	if [ -z "$(DESTDIR)" ] && ! getent passwd iapd >/dev/null; then \
+		useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin iapd; \
+	fi
+	install -d -m 0750 $(DESTDIR)/etc/iapd
+	if [ ! -e $(DESTDIR)/etc/iapd/iapd.yaml ]; then \
+		install -m 0640 config.example.yaml $(DESTDIR)/etc/iapd/iapd.yaml; \
+	fi
+	if [ -z "$(DESTDIR)" ]; then chgrp iapd /etc/iapd /etc/iapd/iapd.yaml; fi
 
 clean:
 	rm -rf bin

@@ -202,7 +202,7 @@ const (
 // DefaultSocketPath returns where the control socket is when the policy
 // names none: in systemd's RuntimeDirectory when the service has one,
 // /run/iapd/iapd.sock for root, and $XDG_RUNTIME_DIR/iapd/iapd.sock for
-// other users. The command line uses the same rule to find it.
+// other users.
 func DefaultSocketPath() (string, error) {
 	if dir := os.Getenv("RUNTIME_DIRECTORY"); dir != "" {
 		// systemd may list several directories, separated by colons.
@@ -219,6 +219,16 @@ func DefaultSocketPath() (string, error) {
 		return systemSocket, nil
 	}
 	return "", errors.New("no control socket path: XDG_RUNTIME_DIR is not set; set control.socket in the policy, or IAPD_SOCKET for the command line")
+}
+
+// ClientSocketPath returns the control socket that the command line uses
+// when none is named: /run/iapd/iapd.sock when it exists, which is where
+// the systemd service puts it, else DefaultSocketPath.
+func ClientSocketPath() (string, error) {
+	if _, err := os.Stat(systemSocket); err == nil {
+		return systemSocket, nil
+	}
+	return DefaultSocketPath()
 }
 
 // ListenSocket creates the control socket at path with mode, creating its

@@ -35,7 +35,7 @@ type controlFlags struct {
 
 func addControlFlags(fs *flag.FlagSet) controlFlags {
 	return controlFlags{
-		socket: fs.String("socket", "", "control socket `path` of the running iapd (default $"+socketEnv+", else the daemon's default)"),
+		socket: fs.String("socket", "", "control socket `path` of the running iapd (default $"+socketEnv+", else /run/iapd/iapd.sock when it exists, else the daemon's default)"),
 		json:   fs.Bool("json", false, "print JSON instead of a table"),
 	}
 }
@@ -49,7 +49,7 @@ func (f controlFlags) client() (*admin.Client, error) {
 	}
 	if path == "" {
 		var err error
-		if path, err = admin.DefaultSocketPath(); err != nil {
+		if path, err = admin.ClientSocketPath(); err != nil {
 			return nil, unreachableError{err}
 		}
 	}
