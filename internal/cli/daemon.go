@@ -61,8 +61,8 @@ type daemonOptions struct {
 
 // startDaemon sets up interfaces, listeners and the control API for pol
 // and starts serving. On error everything it set up is undone.
-func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (d *daemon, err error) {
-	d = &daemon{logger: logger, started: time.Now(), bus: event.NewBus()}
+func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (_ *daemon, err error) {
+	d := &daemon{logger: logger, started: time.Now(), bus: event.NewBus()}
 	d.pol.Store(pol)
 	defer func() {
 		if err != nil {
