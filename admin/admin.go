@@ -26,7 +26,7 @@ import (
 	"iapd/proxy"
 )
 
-// Daemon is the running iapd as the control API sees it. Its methods are
+// Daemon is the view of the running iapd that the control API reads. Its methods are
 // called concurrently.
 type Daemon interface {
 	// Policy returns the policy being served now.

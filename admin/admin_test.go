@@ -76,7 +76,7 @@ type fakeDaemon struct {
 	reloadErr error
 }
 
-func (d *fakeDaemon) Policy() *policy.Policy                 { return d.p }
+func (d *fakeDaemon) Policy() *policy.Policy                  { return d.p }
 func (d *fakeDaemon) Snapshot() *iface.Snapshot               { return nil }
 func (d *fakeDaemon) Usability() policy.Usability             { return d }
 func (d *fakeDaemon) Interface(ap *policy.AccessPoint) string { return ap.Interface }
@@ -345,7 +345,9 @@ func TestUsageCountsEachByteOnce(t *testing.T) {
 }
 
 func TestDialErrorReason(t *testing.T) {
-	opErr := func(errno syscall.Errno) error { return &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", errno)} }
+	opErr := func(errno syscall.Errno) error {
+		return &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", errno)}
+	}
 	tests := []struct {
 		name string
 		err  *proxy.DialError

@@ -21,7 +21,7 @@ import (
 // mode keeps this user out.
 var ErrUnreachable = errors.New("admin: cannot reach iapd")
 
-// APIError is a request that iapd answered with an error.
+// APIError is an error response from iapd.
 type APIError struct {
 	StatusCode int
 	ErrorResponse
@@ -87,7 +87,7 @@ func decodeError(resp *http.Response) error {
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	apiErr := &APIError{StatusCode: resp.StatusCode}
 	if err := json.Unmarshal(body, &apiErr.ErrorResponse); err != nil || apiErr.ErrorResponse.Error == "" {
-		apiErr.ErrorResponse.Error = fmt.Sprintf("iapd answered %s: %s", resp.Status, strings.TrimSpace(string(body)))
+		apiErr.ErrorResponse.Error = fmt.Sprintf("iapd responded %s: %s", resp.Status, strings.TrimSpace(string(body)))
 	}
 	return apiErr
 }
@@ -128,7 +128,7 @@ func (c *Client) Conns(ctx context.Context) ([]Conn, error) {
 	return list, c.do(ctx, http.MethodGet, "/v1/connections", &list)
 }
 
-// CloseConn asks iapd to close the connection with the given ID.
+// CloseConn requests iapd to close the connection with the given ID.
 func (c *Client) CloseConn(ctx context.Context, id uint64) error {
 	return c.do(ctx, http.MethodDelete, "/v1/connections/"+strconv.FormatUint(id, 10), nil)
 }
@@ -141,7 +141,7 @@ func (c *Client) Explain(ctx context.Context, app, target string) (*Explanation,
 	return &ex, c.do(ctx, http.MethodGet, "/v1/explain?"+q.Encode(), &ex)
 }
 
-// Reload asks iapd to load its policy file again. A rejected policy gives
+// Reload requests iapd to load its policy file again. A rejected policy gives
 // an *APIError whose Problems list what is wrong.
 func (c *Client) Reload(ctx context.Context) (*ReloadReport, error) {
 	var report ReloadReport

@@ -15,7 +15,7 @@ type Explanation struct {
 	Destination  string            `json:"destination"`
 	AccessPoints []ExplainedAccess `json:"access_points"` // in the order they would be tried
 	Chosen       string            `json:"chosen,omitempty"`
-	Error        string            `json:"error,omitempty"` // why no access point would be tried
+	Error        string            `json:"error,omitempty"` // the reason that no access point would be tried
 }
 
 // ExplainedAccess is one access point of the destination and whether it

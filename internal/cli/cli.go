@@ -20,7 +20,7 @@ const (
 	exitOK          = 0
 	exitFailure     = 1 // the command ran and failed (invalid policy, reload rejected, nothing usable, ...)
 	exitUsage       = 2 // the command line itself is wrong
-	exitUnreachable = 3 // no iapd answers on the control socket
+	exitUnreachable = 3 // no iapd responds on the control socket
 	exitTimeout     = 4 // iapd wait ran out of time
 )
 

@@ -88,7 +88,7 @@ func printJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-// statusDocument is what "iapd status -json" prints.
+// statusDocument is the output of "iapd status -json".
 type statusDocument struct {
 	Status       *admin.Status             `json:"status"`
 	AccessPoints []admin.AccessPointStatus `json:"access_points"`

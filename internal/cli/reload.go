@@ -78,8 +78,8 @@ func checkControlUnchanged(old, p *policy.Policy) error {
 	return nil
 }
 
-// listenerPlan is how a reload changes the listeners: which sockets stay
-// with a new policy listener, which close and which open.
+// listenerPlan is the change a reload makes to the listeners: the sockets
+// that stay with a new policy listener, those that close and those that open.
 type listenerPlan struct {
 	next    []*openListener // the new policy's listeners, in its order
 	added   []*openListener // of next, those whose sockets are new
