@@ -24,6 +24,7 @@ type compiler struct {
 	p    *Policy
 
 	explicit map[string]*Destination // destinations written in the policy, by name
+	implicit map[string]*Destination // destinations of one access point, by its name
 }
 
 // compile resolves the names in raw and builds the runtime policy. The
@@ -32,6 +33,7 @@ func compile(raw *rawPolicy) (*Policy, ErrorList) {
 	c := &compiler{
 		raw:      raw,
 		explicit: make(map[string]*Destination, len(raw.Destinations)),
+		implicit: make(map[string]*Destination),
 		p: &Policy{
 			Apps:         make(map[string]*App, len(raw.Apps)),
 			AccessPoints: make(map[string]*AccessPoint, len(raw.AccessPoints)),
@@ -60,6 +62,7 @@ func (c *compiler) accessPoints() {
 			Name:        raw.Name,
 			Interface:   raw.Interface.Value,
 			SystemDNS:   raw.dnsSystem.IsSet(),
+			AutoDNS:     raw.dnsAuto.IsSet(),
 			DNSTimeouts: slices.Clone(defaultDNSTimeouts),
 			Index:       i,
 		}
@@ -80,6 +83,9 @@ func (c *compiler) accessPoints() {
 		}
 		for _, a := range raw.Source {
 			ap.Sources = append(ap.Sources, a.Addr)
+		}
+		if raw.Proxy != nil && raw.Proxy.protocol != 0 {
+			ap.Proxy = c.gatewayProxy(raw.Proxy, "access_points."+raw.Name+".proxy")
 		}
 
 		c.p.AccessPoints[ap.Name] = ap
@@ -119,51 +125,148 @@ func (c *compiler) destinations() {
 }
 
 func (c *compiler) apps() {
-	// implicit maps an access point name to the destination of one made
-	// for the apps that bind to it directly. Those apps share it.
-	implicit := make(map[string]*Destination)
-
 	for _, raw := range c.raw.Apps {
-		app := &App{Name: raw.Name}
+		app := &App{Name: raw.Name, AllowOverride: raw.allowAll || len(raw.AllowOverride) > 0}
+		if raw.dnsListenParsed {
+			app.DNSListen = raw.dnsListenAddr.String()
+		}
 		c.p.Apps[app.Name] = app
+		path := "apps." + raw.Name
 
 		switch {
 		case raw.AccessPoint.IsSet():
-			name := raw.AccessPoint.Value
-			ap, ok := c.p.AccessPoints[name]
-			if !ok {
-				c.errs.add(raw.AccessPoint.Pos, "apps."+raw.Name+".access_point", "no access point named %q", name)
-				continue
-			}
-			if d, ok := implicit[name]; ok {
-				app.Destination = d
-				continue
-			}
-
-			d := &Destination{Name: name, AccessPoints: []*AccessPoint{ap}, Implicit: true}
-			implicit[name] = d
-			app.Destination = d
-
-			// The implicit destination takes the access point's name, so an
-			// explicit destination of that name would make "destination=wifi"
-			// in logs and the control API ambiguous.
-			if rawDest := c.raw.destination(name); rawDest != nil {
-				c.errs.add(rawDest.NamePos, "destinations."+name,
-					"name %q is taken by the implicit destination of access point %q, which apps.%s.access_point (line %d) binds to; rename the destination",
-					name, name, raw.Name, raw.AccessPoint.Pos.Line)
-				continue
-			}
-			c.p.Destinations[name] = d
-
+			app.Destination = c.accessPointDestination(raw.AccessPoint, path+".access_point")
 		case raw.Destination.IsSet():
 			d, ok := c.explicit[raw.Destination.Value]
 			if !ok {
-				c.errs.add(raw.Destination.Pos, "apps."+raw.Name+".destination", "no destination named %q", raw.Destination.Value)
-				continue
+				c.errs.add(raw.Destination.Pos, path+".destination", "no destination named %q", raw.Destination.Value)
+				break
 			}
 			app.Destination = d
 		}
+
+		for _, rr := range raw.Routes {
+			if r := c.route(rr, fmt.Sprintf("%s.routes[%d]", path, rr.Index)); r != nil {
+				app.Routes = append(app.Routes, r)
+			}
+		}
 	}
+
+	// Choices come last, so that choosing an access point reuses the
+	// implicit destination that an app or route made for it.
+	for _, raw := range c.raw.Apps {
+		c.choices(c.p.Apps[raw.Name], raw, "apps."+raw.Name+".allow_override")
+	}
+}
+
+// accessPointDestination returns the implicit destination of the access
+// point that t names, creating it on first use and registering it under the
+// access point's name. Every app and route that names the access point
+// shares it.
+func (c *compiler) accessPointDestination(t text, path string) *Destination {
+	name := t.Value
+	ap, ok := c.p.AccessPoints[name]
+	if !ok {
+		c.errs.add(t.Pos, path, "no access point named %q", name)
+		return nil
+	}
+	if d, ok := c.implicit[name]; ok {
+		return d
+	}
+
+	d := &Destination{Name: name, AccessPoints: []*AccessPoint{ap}, Implicit: true}
+	c.implicit[name] = d
+	// The implicit destination takes the access point's name, so an
+	// explicit destination of that name would make "destination=wifi" in
+	// logs and the control API ambiguous.
+	if rawDest := c.raw.destination(name); rawDest != nil {
+		c.errs.add(rawDest.NamePos, "destinations."+name,
+			"name %q is taken by the implicit destination of access point %q, which %s (line %d) binds to; rename the destination",
+			name, name, path, t.Pos.Line)
+		return d
+	}
+	c.p.Destinations[name] = d
+	return d
+}
+
+// route compiles one route of an app.
+func (c *compiler) route(raw *rawRoute, path string) *Route {
+	r := &Route{Index: raw.Index, Line: raw.pos.Line, Ports: raw.Port}
+	for _, t := range raw.DomainSuffix {
+		r.Suffixes = append(r.Suffixes, t.Value)
+	}
+	for _, t := range raw.Domain {
+		r.Domains = append(r.Domains, t.Value)
+	}
+	for _, p := range raw.CIDR {
+		r.Prefixes = append(r.Prefixes, p.Prefix)
+	}
+
+	switch {
+	case raw.Reject.IsSet():
+		r.Reject = true
+	case raw.AccessPoint.IsSet():
+		r.Destination = c.accessPointDestination(raw.AccessPoint, path+".access_point")
+	case raw.Destination.IsSet():
+		d, ok := c.explicit[raw.Destination.Value]
+		if !ok {
+			c.errs.add(raw.Destination.Pos, path+".destination", "no destination named %q", raw.Destination.Value)
+			return nil
+		}
+		r.Destination = d
+	default:
+		return nil // reported while decoding
+	}
+	if !r.Reject && r.Destination == nil {
+		return nil
+	}
+	return r
+}
+
+// choices fills the names that app's clients may choose per connection.
+// A name is a destination when one has it, and an access point otherwise.
+func (c *compiler) choices(app *App, raw *rawApp, path string) {
+	if !app.AllowOverride {
+		return
+	}
+	app.choices = make(map[string]*Destination)
+	if raw.allowAll {
+		for _, ap := range c.p.AccessPointOrder {
+			app.choices[ap.Name] = c.choiceOfAccessPoint(ap)
+		}
+		for name, d := range c.explicit {
+			app.choices[name] = d
+		}
+		return
+	}
+	for i, t := range raw.AllowOverride {
+		if !t.IsSet() {
+			continue
+		}
+		if d, ok := c.explicit[t.Value]; ok {
+			app.choices[t.Value] = d
+			continue
+		}
+		ap, ok := c.p.AccessPoints[t.Value]
+		if !ok {
+			c.errs.add(t.Pos, fmt.Sprintf("%s[%d]", path, i), "no access point or destination named %q", t.Value)
+			continue
+		}
+		app.choices[t.Value] = c.choiceOfAccessPoint(ap)
+	}
+}
+
+// choiceOfAccessPoint returns the destination of one that choosing ap
+// stands for: the implicit one when an app or route made it, else a new
+// one that is not registered in Policy.Destinations, so that allowing a
+// choice never adds destinations to the policy.
+func (c *compiler) choiceOfAccessPoint(ap *AccessPoint) *Destination {
+	if d, ok := c.implicit[ap.Name]; ok {
+		return d
+	}
+	d := &Destination{Name: ap.Name, AccessPoints: []*AccessPoint{ap}, Implicit: true}
+	c.implicit[ap.Name] = d
+	return d
 }
 
 // destination returns the raw destination called name, or nil.
@@ -223,6 +326,29 @@ func (c *compiler) app(t text, path string) *App {
 		c.errs.add(t.Pos, path, "no app named %q", t.Value)
 	}
 	return app
+}
+
+// gatewayProxy compiles an access point's proxy, reading its password
+// from the environment.
+func (c *compiler) gatewayProxy(raw *rawProxy, path string) *GatewayProxy {
+	g := &GatewayProxy{Protocol: raw.protocol, Address: raw.address, User: raw.User.Value}
+	if !raw.User.IsSet() || !raw.PasswordEnv.IsSet() || !isEnvName(raw.PasswordEnv.Value) {
+		return g // reported while decoding
+	}
+	name := raw.PasswordEnv.Value
+	value, ok := lookupEnv(name)
+	switch {
+	case !ok:
+		c.errs.add(raw.PasswordEnv.Pos, path+".password_env", "environment variable %s is not set", name)
+	case value == "":
+		c.errs.add(raw.PasswordEnv.Pos, path+".password_env", "environment variable %s is empty", name)
+	case len(value) > maxSOCKS5Password && raw.protocol == ProxySOCKS5:
+		c.errs.add(raw.PasswordEnv.Pos, path+".password_env",
+			"password in %s is longer than %d bytes, which SOCKS5 cannot send", name, maxSOCKS5Password)
+	default:
+		g.password = value
+	}
+	return g
 }
 
 // maxSOCKS5Password is the longest password that SOCKS5 username/password

@@ -52,8 +52,9 @@ func TestListenerIdentify(t *testing.T) {
 		user     string
 		password string
 		hasCreds bool
-		wantApp  string
-		wantErr  error
+		wantApp    string
+		wantChoice string
+		wantErr    error
 	}{
 		{name: "port listener without credentials", listener: port, wantApp: "browser"},
 		{name: "port listener ignores credentials", listener: port, user: "alice", password: "wrong", hasCreds: true, wantApp: "browser"},
@@ -68,10 +69,15 @@ func TestListenerIdentify(t *testing.T) {
 		{name: "user names are case sensitive", listener: creds, user: "Alice", password: "alice-password", hasCreds: true, wantErr: ErrBadCredentials},
 		{name: "empty user name", listener: creds, user: "", password: "", hasCreds: true, wantErr: ErrBadCredentials},
 		{name: "no credentials", listener: creds, wantErr: ErrCredentialsRequired},
+		{name: "user with choice", listener: creds, user: "alice+cell", password: "alice-password", hasCreds: true, wantApp: "mail", wantChoice: "cell"},
+		{name: "user with choice wrong password", listener: creds, user: "alice+cell", password: "wrong", hasCreds: true, wantErr: ErrBadCredentials},
+		{name: "unknown user with choice", listener: creds, user: "carol+cell", password: "x", hasCreds: true, wantErr: ErrBadCredentials},
+		{name: "port listener app name with choice", listener: port, user: "browser+wifi", password: "anything", hasCreds: true, wantApp: "browser", wantChoice: "wifi"},
+		{name: "port listener other name with plus", listener: port, user: "alice+wifi", password: "anything", hasCreds: true, wantApp: "browser"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			app, err := tt.listener.Identify(tt.user, tt.password, tt.hasCreds)
+			app, choice, err := tt.listener.Identify(tt.user, tt.password, tt.hasCreds)
 			if tt.wantErr != nil {
 				if !errors.Is(err, tt.wantErr) {
 					t.Fatalf("Identify error = %v, want %v", err, tt.wantErr)
@@ -87,6 +93,9 @@ func TestListenerIdentify(t *testing.T) {
 			if app != p.Apps[tt.wantApp] {
 				t.Errorf("app = %v, want %s", app, tt.wantApp)
 			}
+			if choice != tt.wantChoice {
+				t.Errorf("choice = %q, want %q", choice, tt.wantChoice)
+			}
 		})
 	}
 }
@@ -100,6 +109,7 @@ func TestErrorTexts(t *testing.T) {
 		{"credentials required", ErrCredentialsRequired, "policy: credentials required"},
 		{"bad credentials", ErrBadCredentials, "policy: invalid user name or password"},
 		{"no usable access point", ErrNoUsableAccessPoint, "policy: no usable access point"},
+		{"not allowed", ErrNotAllowed, "policy: connection not allowed"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -260,7 +270,7 @@ access_points: {host: {interface: default, dns: system}}
 	if got := l.unknownUserSecret(); got != plainDummySecret {
 		t.Errorf("listener with only env users: unknown users checked against %p, want plainDummySecret", got)
 	}
-	if _, err := l.Identify("carol", "bob-password", true); !errors.Is(err, ErrBadCredentials) {
+	if _, _, err := l.Identify("carol", "bob-password", true); !errors.Is(err, ErrBadCredentials) {
 		t.Errorf("Identify(unknown user) error = %v, want ErrBadCredentials", err)
 	}
 }

@@ -92,7 +92,19 @@ type User struct {
 // A static access point binding is a Destination of one, marked Implicit.
 type App struct {
 	Name        string
-	Destination *Destination
+	Destination *Destination // for targets that no route matches
+	Routes      []*Route     // tried in order; the first that matches applies
+
+	// AllowOverride lets a client choose an access point or destination
+	// for one connection with a user name like "dev+cell".
+	AllowOverride bool
+	// choices maps each name a client may choose to the destination it
+	// stands for: an access point stands for a destination of one.
+	choices map[string]*Destination
+
+	// DNSListen is the loopback address (host:port) of the app's DNS
+	// listener, which answers with the app's routes; "" for none.
+	DNSListen string
 }
 
 // AccessPoint is one way out: an interface with its own DNS servers.
@@ -100,13 +112,19 @@ type AccessPoint struct {
 	Name      string
 	Interface string // interface name, or DefaultInterface
 
-	DNS         []netip.AddrPort // servers, port 53 unless written; empty when SystemDNS
+	DNS         []netip.AddrPort // servers, port 53 unless written; empty when SystemDNS or AutoDNS
 	SystemDNS   bool             // dns: system, only with interface: default
+	AutoDNS     bool             // dns: auto: the interface's own servers, found at run time
 	Search      []string         // search domains, without a trailing dot
 	DNSTimeouts []time.Duration  // wait before asking the next server; default 1s, 2s, 4s, 8s
 
 	Gateways []netip.Addr // next-hop routers from the policy, at most one per family
 	Sources  []netip.Addr // source addresses from the policy, at most one per family
+
+	// Proxy is the upstream gateway proxy that every connection of the
+	// access point goes through, reached out of its interface; nil for
+	// direct connections.
+	Proxy *GatewayProxy
 
 	Index int // position in AccessPointOrder
 }
@@ -148,4 +166,8 @@ var (
 	// ErrNoUsableAccessPoint means no access point of the destination can
 	// carry a connection now.
 	ErrNoUsableAccessPoint = errors.New("policy: no usable access point")
+	// ErrNotAllowed means the policy refuses the connection: a route
+	// rejects the target, or the client chose an access point or
+	// destination that its app does not allow.
+	ErrNotAllowed = errors.New("policy: connection not allowed")
 )

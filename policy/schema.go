@@ -298,11 +298,32 @@ type rawApp struct {
 	// points the app's connections use. Exactly one of access_point and
 	// destination is required.
 	Destination text
+	// Routes (key routes, optional) send some targets elsewhere: a list of
+	// routes, tried in order, the first match applying. Targets that no
+	// route matches use access_point or destination. See rawRoute.
+	Routes []*rawRoute
+	// AllowOverride (key allow_override, optional) lets a client choose
+	// an access point or destination for one connection by adding
+	// "+NAME" to its user name (dev+cell). true allows any access point
+	// or destination of the policy, a list allows the names listed.
+	// Routes still apply first: a choice may only narrow a routed target
+	// to one access point of the route's destination. Default false.
+	AllowOverride []text
+	// DNSListen (key dns_listen, optional) is a loopback address,
+	// "host:port" with a port from 1 to 65535, where iapd answers DNS
+	// queries over UDP and TCP for this app: each name is resolved by the
+	// access points its routes choose. For programs that resolve names
+	// before they connect. Default none.
+	DNSListen text
 
-	pos position
+	allowAll        bool     // allow_override: true
+	allowPos        position // of the allow_override value; zero when absent
+	dnsListenAddr   netip.AddrPort
+	dnsListenParsed bool
+	pos             position
 }
 
-var appKeys = []string{"access_point", "destination"}
+var appKeys = []string{"access_point", "destination", "routes", "allow_override", "dns_listen"}
 
 func (a *rawApp) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -317,6 +338,31 @@ func (a *rawApp) UnmarshalYAML(n *yaml.Node) error {
 			a.AccessPoint = decodeText(&errs, key, v)
 		case "destination":
 			a.Destination = decodeText(&errs, key, v)
+		case "routes":
+			if !expectKind(&errs, key, v, yaml.SequenceNode, "a list of routes") {
+				return
+			}
+			for i, item := range v.Content {
+				r := &rawRoute{Index: i}
+				errs.merge(fmt.Sprintf("routes[%d]", i), r.UnmarshalYAML(resolve(item)))
+				a.Routes = append(a.Routes, r)
+			}
+		case "allow_override":
+			a.allowPos = posOf(v)
+			if v.Kind == yaml.ScalarNode && v.Tag == "!!bool" {
+				a.allowAll = v.Value == "true" || v.Value == "True" || v.Value == "TRUE"
+				return
+			}
+			if v.Kind != yaml.SequenceNode {
+				errs.add(posOf(v), key, "must be true, false or a list of access point and destination names, found %s", describe(v))
+				return
+			}
+			a.AllowOverride = decodeTextList(&errs, key, v, "access point and destination names")
+		case "dns_listen":
+			a.DNSListen = decodeText(&errs, key, v)
+			if a.DNSListen.IsSet() {
+				a.dnsListenAddr, a.dnsListenParsed = parseDNSListen(&errs, key, a.DNSListen)
+			}
 		}
 	})
 
@@ -340,16 +386,22 @@ type rawAccessPoint struct {
 	// "default" for whichever interface holds the default route when
 	// dialling, with no binding.
 	Interface text
-	// DNS (key dns, required) lists the DNS servers to ask, in order: each
-	// an IP address with an optional port (192.0.2.53, 2001:db8::53,
-	// 192.0.2.54:5353, [2001:db8::53]:53), port 53 unless given. An IPv6
-	// link-local server takes its zone from a named interface
-	// (fe80::1%wlan0). The string "system" uses the host's resolver and is
-	// allowed only with interface: default.
+	// DNS (key dns, required unless proxy is given) lists the DNS servers
+	// to ask, in order: each an IP address with an optional port
+	// (192.0.2.53, 2001:db8::53, 192.0.2.54:5353, [2001:db8::53]:53), port
+	// 53 unless given. An IPv6 link-local server takes its zone from a
+	// named interface (fe80::1%wlan0). A loopback server is allowed only
+	// with interface: default. The string "auto" uses the servers and
+	// search domains that the system has for the interface
+	// (systemd-resolved, NetworkManager, or the lease files of dhclient
+	// and dhcpcd), followed as they change; it needs a named interface.
+	// The string "system" uses the host's resolver and is allowed only
+	// with interface: default.
 	DNS []dnsServer
 	// Search (key search, optional) lists search domains appended to
 	// single-label names, like corp.example. A trailing dot is dropped.
 	// Not allowed with dns: system, whose search list comes from the host.
+	// With dns: auto it replaces the search domains found for the link.
 	Search []text
 	// DNSTimeouts (key dns_timeouts, optional) are the waits before asking
 	// the next server, as Go durations (500ms, 2s), each above zero.
@@ -364,8 +416,15 @@ type rawAccessPoint struct {
 	// upstream connections, at most one IPv4 and one IPv6 address. Default:
 	// an address of the interface. Not allowed with interface: default.
 	Source []address
+	// Proxy (key proxy, optional) is a gateway proxy that every
+	// connection of this access point goes through, reached out of its
+	// interface. dns may be left out then, because target names go to the
+	// proxy unresolved; it is needed when the proxy's host is a name.
+	// See rawProxy.
+	Proxy *rawProxy
 
 	dnsSystem   position // of dns: system; zero otherwise
+	dnsAuto     position // of dns: auto; zero otherwise
 	dnsPos      position // of the dns value; zero when absent
 	timeoutsPos position // of the dns_timeouts value; zero when absent
 	searchPos   position // of the search value; zero when absent
@@ -395,7 +454,7 @@ type address struct {
 	Pos   position
 }
 
-var accessPointKeys = []string{"interface", "dns", "search", "dns_timeouts", "gateway", "source"}
+var accessPointKeys = []string{"interface", "dns", "search", "dns_timeouts", "gateway", "source", "proxy"}
 
 func (ap *rawAccessPoint) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -420,14 +479,11 @@ func (ap *rawAccessPoint) UnmarshalYAML(n *yaml.Node) error {
 				return
 			}
 			if v.Kind == yaml.ScalarNode && v.Value == "auto" {
-				// TODO: dns: auto (the servers the system has for the link, from
-				// systemd-resolved or NetworkManager) is not implemented, so a
-				// policy that uses it does not load.
-				errs.add(posOf(v), key, "\"auto\" is not supported yet; list the DNS servers of the interface")
+				ap.dnsAuto = posOf(v)
 				return
 			}
 			if v.Kind != yaml.SequenceNode {
-				errs.add(posOf(v), key, "must be a list of server addresses or \"system\", found %s", describe(v))
+				errs.add(posOf(v), key, "must be a list of server addresses, \"auto\" or \"system\", found %s", describe(v))
 				return
 			}
 			if len(v.Content) == 0 {
@@ -480,14 +536,17 @@ func (ap *rawAccessPoint) UnmarshalYAML(n *yaml.Node) error {
 		case "source":
 			ap.sourcePos = posOf(v)
 			ap.Source = decodeAddressList(&errs, key, v)
+		case "proxy":
+			ap.Proxy = &rawProxy{}
+			errs.merge(key, ap.Proxy.UnmarshalYAML(v))
 		}
 	})
 
 	if !ap.Interface.IsSet() && !hasError(errs, "interface") {
 		errs.add(ap.pos, "", "missing interface")
 	}
-	if !ap.dnsPos.IsSet() {
-		errs.add(ap.pos, "", "missing dns (a list of server addresses, or \"system\" with interface: default)")
+	if !ap.dnsPos.IsSet() && ap.Proxy == nil {
+		errs.add(ap.pos, "", "missing dns (a list of server addresses, \"auto\", or \"system\" with interface: default)")
 	}
 	return errs.err()
 }

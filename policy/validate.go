@@ -20,6 +20,7 @@ func validate(raw *rawPolicy) ErrorList {
 	for _, d := range raw.Destinations {
 		validateDestination(&errs, d)
 	}
+	validateDNSListeners(&errs, raw)
 	validateRouting(&errs, &raw.Routing, len(raw.AccessPoints))
 	return errs
 }
@@ -92,6 +93,24 @@ func validateAccessPoint(errs *ErrorList, ap *rawAccessPoint) {
 			errs.add(ap.timeoutsPos, "dns_timeouts", "not allowed with dns: system, which uses the host resolver's timeouts")
 		}
 	}
+	if ap.dnsAuto.IsSet() && isDefault {
+		errs.add(ap.dnsAuto, "dns",
+			"\"auto\" needs a named interface, because it asks the system for that interface's own servers; with interface: default use dns: system")
+	}
+	if p := ap.Proxy; p != nil && p.address != "" {
+		hasDNS := len(ap.DNS) > 0 || ap.dnsAuto.IsSet() || ap.dnsSystem.IsSet()
+		switch {
+		case p.hostAddr.IsValid() && p.hostAddr.IsLoopback() && !isDefault:
+			errs.add(p.URL.Pos, "proxy.url",
+				"%s is a loopback address, which is not reached out of %s: connections would leave through whatever interface the local proxy chooses; give the gateway's address on %s",
+				p.host, iface, iface)
+		case p.hostAddr.IsValid() && p.hostAddr.Is6() && p.hostAddr.IsLinkLocalUnicast() && isDefault:
+			errs.add(p.URL.Pos, "proxy.url", "link-local address %s needs a named interface; give the access point interface: NAME", p.hostAddr)
+		case !p.hostAddr.IsValid() && !hasDNS:
+			errs.add(p.URL.Pos, "proxy.url",
+				"proxy host %q is a name, but the access point has no dns to resolve it; add dns or give the proxy's IP address", p.host)
+		}
+	}
 
 	seen := make(map[netip.AddrPort]int)
 	for _, s := range ap.DNS {
@@ -158,6 +177,35 @@ func validateDestination(errs *ErrorList, d *rawDestination) {
 			continue
 		}
 		seen[t.Value] = t.Pos.Line
+	}
+}
+
+// validateDNSListeners checks that no two apps' DNS listeners share an
+// address, and that none takes the TCP address of a proxy listener.
+func validateDNSListeners(errs *ErrorList, raw *rawPolicy) {
+	type first struct {
+		path string
+		line int
+	}
+	seen := make(map[netip.AddrPort]first)
+	for _, a := range raw.Apps {
+		if !a.dnsListenParsed {
+			continue
+		}
+		path := "apps." + a.Name + ".dns_listen"
+		if f, dup := seen[a.dnsListenAddr]; dup {
+			errs.add(a.DNSListen.Pos, path, "address %s is taken by %s (line %d); give each app's DNS listener its own port", a.DNSListen.Value, f.path, f.line)
+			continue
+		}
+		seen[a.dnsListenAddr] = first{path: path, line: a.DNSListen.Pos.Line}
+
+		for i, l := range raw.Listeners {
+			if l.listenOK && l.listenPort == a.dnsListenAddr.Port() && listenOverlaps(l.listenAddr, a.dnsListenAddr.Addr()) {
+				errs.add(a.DNSListen.Pos, path, "address %s overlaps listeners[%d].listen %s (line %d), and DNS listens on TCP as well; choose another port",
+					a.DNSListen.Value, i, l.Listen.Value, l.Listen.Pos.Line)
+				break
+			}
+		}
 	}
 }
 

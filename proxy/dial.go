@@ -34,22 +34,28 @@ func (s *Server) dialContext(ctx context.Context) (context.Context, context.Canc
 }
 
 // dial resolves and dials target (host:port as the client sent it) for app.
-// It tries the usable access points of the app's destination in the
-// policy's order, each resolving the host with its own resolver, until one
-// connects or ctx ends, and returns the connection entered in the table.
-// Errors are *DialError.
-func (s *Server) dial(ctx context.Context, app *policy.App, l *policy.Listener, target string) (*upstream, error) {
+// It tries the usable access points of the destination that the app's
+// routes, or the client's choice, give in the policy's order, each
+// resolving the host with its own resolver, until one connects or ctx
+// ends, and returns the connection entered in the table. choice is the
+// access point or destination the client chose, "" for none. Errors are
+// *DialError.
+func (s *Server) dial(ctx context.Context, app *policy.App, choice string, l *policy.Listener, target string) (*upstream, error) {
 	host, port, err := splitTarget(target)
 	if err != nil {
 		return nil, &DialError{Op: "connect", App: app.Name, Destination: app.Destination.Name, Target: target, Err: err}
 	}
 
-	plan := policy.NewPlan(app, target, s.cfg.Network.Usability())
+	plan := policy.NewOverridePlan(app, target, choice, s.cfg.Network.Usability())
 	if err := plan.Err(); err != nil {
-		s.logger.Debug("no usable access point", logkey.App, app.Name, logkey.Target, target, logkey.Err, err)
-		derr := &DialError{Op: "select", App: app.Name, Destination: plan.Destination.Name, Target: target, Err: err}
+		s.logPlanFailure(plan, target, err)
+		derr := &DialError{Op: "select", App: app.Name, Destination: plan.DestinationName(), Target: target, Err: err}
 		s.observeDial(app, "", target, 0, derr)
 		return nil, derr
+	}
+	if plan.Route != nil {
+		s.logger.Debug("route matched", logkey.App, app.Name, logkey.Target, target,
+			"route", plan.Route.Index, logkey.Destination, plan.DestinationName())
 	}
 
 	var first *DialError
@@ -81,7 +87,7 @@ func (s *Server) dial(ctx context.Context, app *policy.App, l *policy.Listener, 
 	// Like net.Dialer, report the first attempt's error: it comes from the
 	// access point that the policy prefers.
 	first.App = app.Name
-	first.Destination = plan.Destination.Name
+	first.Destination = plan.DestinationName()
 	first.Rest = errors.Join(rest...)
 	return nil, first
 }
@@ -124,11 +130,36 @@ func (s *Server) dialAccessPoint(ctx context.Context, ap *policy.AccessPoint, ta
 	return c, nil
 }
 
-// dialThrough resolves host with ap's resolver, unless it is an address
-// already, and dials the addresses in the resolver's order with ap's dialer
-// until one connects.
+// logPlanFailure logs why a plan has nothing to dial: a refusal by the
+// policy at Info, since an operator may want to see what the routes
+// reject, and no usable access point at Debug.
+func (s *Server) logPlanFailure(plan policy.Plan, target string, err error) {
+	if plan.Refused() != nil {
+		s.logger.Info("connection refused by policy", logkey.App, plan.App.Name, logkey.Target, target,
+			"choice", plan.Choice, logkey.Err, err)
+		return
+	}
+	s.logger.Debug("no usable access point", logkey.App, plan.App.Name, logkey.Target, target, logkey.Err, err)
+}
+
+// dialThrough connects to target through ap: through its gateway proxy
+// when it has one, and otherwise directly.
 func (s *Server) dialThrough(ctx context.Context, ap *policy.AccessPoint, host string, port uint16, target string) (net.Conn, *DialError) {
-	derr := &DialError{AccessPoint: ap.Name, Interface: s.cfg.Network.Interface(ap), Target: target}
+	if ap.Proxy != nil {
+		return s.dialGateway(ctx, ap, target)
+	}
+	c, derr := s.dialDirect(ctx, ap, host, port)
+	if derr != nil {
+		derr.Target = target
+	}
+	return c, derr
+}
+
+// dialDirect resolves host with ap's resolver, unless it is an address
+// already, and dials the addresses in the resolver's order with ap's dialer
+// until one connects. The error's Target is left for the caller to set.
+func (s *Server) dialDirect(ctx context.Context, ap *policy.AccessPoint, host string, port uint16) (net.Conn, *DialError) {
+	derr := &DialError{AccessPoint: ap.Name, Interface: s.cfg.Network.Interface(ap)}
 
 	addrs, err := s.lookup(ctx, ap, host)
 	if err != nil {

@@ -157,7 +157,7 @@ func TestDialAddressOrder(t *testing.T) {
 
 	// dual.test is ::1 first, where nothing listens on the port, then
 	// 127.0.0.1, where the echo server does.
-	up, err := s.dial(t.Context(), p.Apps["web"], p.Listeners[0], "dual.test:"+port)
+	up, err := s.dial(t.Context(), p.Apps["web"], "", p.Listeners[0], "dual.test:"+port)
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}

@@ -223,9 +223,9 @@ func clientFromContext(ctx context.Context) *servedConn {
 	return c
 }
 
-func appFromContext(ctx context.Context) *policy.App {
-	app, _ := ctx.Value(httpAppKey{}).(*policy.App)
-	return app
+func appFromContext(ctx context.Context) (*policy.App, string) {
+	c, _ := ctx.Value(httpAppKey{}).(httpClient)
+	return c.app, c.choice
 }
 
 // serveHTTP runs goproxy and then ends a hijacked connection that no tunnel
@@ -246,16 +246,21 @@ func serveNonProxy(w http.ResponseWriter, r *http.Request) {
 	http.Error(w, "iapd is a proxy: send requests in absolute form (GET http://host/path) or use CONNECT host:port", http.StatusBadRequest)
 }
 
-// identify returns the app of a request, or the response to send instead:
-// 407 when credentials are missing, malformed or wrong.
-func (f *httpFrontend) identify(r *http.Request) (*policy.App, *http.Response) {
-	if !f.l.HasUsers() {
-		return f.l.App, nil
-	}
-
+// identify returns the app of a request and the access point or
+// destination the client chose with its user name (see
+// policy.Listener.Identify), or the response to send instead: 407 when
+// credentials are missing, malformed or wrong.
+func (f *httpFrontend) identify(r *http.Request) (*policy.App, string, *http.Response) {
 	header := r.Header.Get("Proxy-Authorization")
 	user, password, ok := parseBasicCredentials(header)
+	if !f.l.HasUsers() {
+		// A listener of one app ignores credentials, apart from a choice.
+		app, choice, _ := f.l.Identify(user, password, ok)
+		return app, choice, nil
+	}
+
 	var app *policy.App
+	var choice string
 	var err error
 	switch {
 	case header == "":
@@ -263,10 +268,10 @@ func (f *httpFrontend) identify(r *http.Request) (*policy.App, *http.Response) {
 	case !ok:
 		err = errMalformedCredentials
 	default:
-		app, err = f.l.Identify(user, password, true)
+		app, choice, err = f.l.Identify(user, password, true)
 	}
 	if err == nil {
-		return app, nil
+		return app, choice, nil
 	}
 
 	level := slog.LevelInfo
@@ -277,14 +282,21 @@ func (f *httpFrontend) identify(r *http.Request) (*policy.App, *http.Response) {
 	}
 	f.log.Log(r.Context(), level, "proxy authentication failed",
 		logkey.Client, r.RemoteAddr, "user", user, logkey.Target, r.Host, logkey.Err, err)
-	return nil, authRequiredResponse(r)
+	return nil, "", authRequiredResponse(r)
+}
+
+// httpClient is the identified client of one request: its app and its
+// choice of access point or destination, "" for none.
+type httpClient struct {
+	app    *policy.App
+	choice string
 }
 
 // handleConnect identifies the app of a CONNECT request and stores it in the
 // request's context, where dialConnect finds it.
 func (f *httpFrontend) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.ConnectAction, string) {
 	r := ctx.Req
-	app, resp := f.identify(r)
+	app, choice, resp := f.identify(r)
 	if resp != nil {
 		ctx.Resp = resp
 		return &goproxy.ConnectAction{Action: goproxy.ConnectReject}, host
@@ -298,14 +310,14 @@ func (f *httpFrontend) handleConnect(host string, ctx *goproxy.ProxyCtx) (*gopro
 		return &goproxy.ConnectAction{Action: goproxy.ConnectReject}, host
 	}
 
-	ctx.Req = r.WithContext(context.WithValue(r.Context(), httpAppKey{}, app))
+	ctx.Req = r.WithContext(context.WithValue(r.Context(), httpAppKey{}, httpClient{app: app, choice: choice}))
 	return &goproxy.ConnectAction{Action: goproxy.ConnectAccept}, host
 }
 
 // dialConnect dials the target of a CONNECT request for the app that
 // handleConnect identified.
 func (f *httpFrontend) dialConnect(r *http.Request, _, target string) (net.Conn, error) {
-	app := appFromContext(r.Context())
+	app, choice := appFromContext(r.Context())
 	if app == nil {
 		// handleConnect stores the app for every request that it accepts.
 		panic("proxy: httpFrontend.dialConnect: CONNECT request without an app")
@@ -313,7 +325,7 @@ func (f *httpFrontend) dialConnect(r *http.Request, _, target string) (net.Conn,
 
 	ctx, cancel := f.s.dialContext(r.Context())
 	defer cancel()
-	up, err := f.s.dial(ctx, app, f.l, target)
+	up, err := f.s.dial(ctx, app, choice, f.l, target)
 	if err != nil {
 		f.log.Info("connect failed", logkey.App, app.Name, logkey.Target, target,
 			logkey.Client, r.RemoteAddr, logkey.Err, err)

@@ -102,10 +102,13 @@ func textResponse(r *http.Request, status int, body string) *http.Response {
 }
 
 // errorStatus maps a dial or round-trip error to the status the client
-// gets: 503 when no access point can carry the connection, 504 on a
-// timeout, 400 for a target that is not host:port, and 502 otherwise.
+// gets: 403 when the policy refuses the connection, 503 when no access
+// point can carry it, 504 on a timeout, 400 for a target that is not
+// host:port, and 502 otherwise.
 func errorStatus(err error) int {
 	switch {
+	case errors.Is(err, policy.ErrNotAllowed):
+		return http.StatusForbidden
 	case errors.Is(err, ErrInvalidTarget):
 		return http.StatusBadRequest
 	case errors.Is(err, policy.ErrNoUsableAccessPoint):

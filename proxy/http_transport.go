@@ -44,7 +44,7 @@ type dialDeadlineKey struct{}
 // handleRequest identifies the app of an absolute-form request, strips the
 // hop-by-hop headers and sets the round tripper that dials for that app.
 func (f *httpFrontend) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request, *http.Response) {
-	app, resp := f.identify(r)
+	app, choice, resp := f.identify(r)
 	if resp != nil {
 		return r, resp
 	}
@@ -57,7 +57,7 @@ func (f *httpFrontend) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*h
 	// Connection names; removeHopByHop takes them all.
 	removeHopByHop(r.Header)
 	ctx.RoundTripper = goproxy.RoundTripperFunc(func(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
-		return f.roundTrip(req, app), nil
+		return f.roundTrip(req, app, choice), nil
 	})
 	return r, nil
 }
@@ -66,11 +66,11 @@ func (f *httpFrontend) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*h
 // order. It moves to the next access point only when dialling failed, so
 // that no request is sent twice, and it always returns a response: the
 // upstream's, or an error response for the client.
-func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App) *http.Response {
+func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App, choice string) *http.Response {
 	target := requestTarget(req.URL)
-	plan := policy.NewPlan(app, target, f.s.cfg.Network.Usability())
+	plan := policy.NewOverridePlan(app, target, choice, f.s.cfg.Network.Usability())
 	if err := plan.Err(); err != nil {
-		de := &DialError{Op: "select", App: app.Name, Destination: plan.Destination.Name, Target: target, Err: err}
+		de := &DialError{Op: "select", App: app.Name, Destination: plan.DestinationName(), Target: target, Err: err}
 		f.s.observeDial(app, "", target, 0, de)
 		f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, de)
 		return errorResponse(req, errorStatus(de), errorBody(de))
@@ -111,7 +111,7 @@ func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App) *http.Respo
 		var de *DialError
 		if errors.As(err, &de) {
 			de.App = app.Name
-			de.Destination = plan.Destination.Name
+			de.Destination = plan.DestinationName()
 		}
 		errs = append(errs, err)
 
@@ -147,6 +147,12 @@ func (f *httpFrontend) transport(app *policy.App, ap *policy.AccessPoint) *http.
 		MaxIdleConnsPerHost: httpUpstreamIdlePerHost,
 		TLSHandshakeTimeout: httpUpstreamTLSHandshake,
 	}
+	if gw := ap.Proxy; gw != nil && gw.Protocol == policy.ProxyHTTP {
+		// An HTTP gateway gets requests in absolute form, as any client of
+		// an HTTP proxy sends them: many gateways allow CONNECT to port 443
+		// only. The transport adds Proxy-Authorization from the URL.
+		t.Proxy = http.ProxyURL(gw.URL())
+	}
 	f.transports[key] = t
 	return t
 }
@@ -164,7 +170,14 @@ func (f *httpFrontend) dialPlain(ctx context.Context, app *policy.App, ap *polic
 	}
 
 	started := time.Now()
-	c, err := f.s.dialAccessPoint(ctx, ap, addr)
+	var c net.Conn
+	var err error
+	if gw := ap.Proxy; gw != nil && gw.Protocol == policy.ProxyHTTP {
+		// The transport dials the gateway itself (see transport).
+		c, err = f.s.gatewayTransportDial(ctx, ap, addr)
+	} else {
+		c, err = f.s.dialAccessPoint(ctx, ap, addr)
+	}
 	var derr *DialError
 	errors.As(err, &derr)
 	f.s.observeDial(app, ap.Name, addr, time.Since(started), derr)

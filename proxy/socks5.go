@@ -76,42 +76,60 @@ type socks5Session struct {
 	f      *socks5Frontend
 	client *clientConn
 	app    *policy.App // identified by Valid; nil until then
+	choice string      // access point or destination chosen in the user name; "" for none
 }
 
 // Valid reports whether the credentials identify an app on the listener,
-// and remembers that app.
+// and remembers that app and the client's choice.
 func (sess *socks5Session) Valid(user, password string) bool {
-	app, err := sess.f.l.Identify(user, password, true)
+	app, choice, err := sess.f.l.Identify(user, password, true)
 	if err != nil {
 		sess.f.logger.Debug("credentials rejected", logkey.Client, sess.client.RemoteAddr().String(), logkey.Err, err)
 		return false
 	}
 	sess.app = app
+	sess.choice = choice
 	return true
 }
 
 // Allow identifies the app and stores it in the context that the library
-// passes on to dial. It refuses when there is no app, which a listener of
-// one app without an app only has when misconfigured.
+// passes on to dial. It refuses, which the library answers with reply 0x02
+// (connection not allowed by ruleset), when the policy refuses the target
+// or the client's choice, and when there is no app, which a listener of one
+// app only lacks when misconfigured.
 func (sess *socks5Session) Allow(ctx context.Context, req *socks5.Request) (context.Context, bool) {
 	app := sess.app
-	if !sess.f.l.HasUsers() {
+	if app == nil && !sess.f.l.HasUsers() {
 		app = sess.f.l.App
 	}
 	if app == nil {
 		sess.f.logger.Debug("client rejected: listener has no app", logkey.Client, sess.client.RemoteAddr().String())
 		return ctx, false
 	}
-	return context.WithValue(ctx, appKey{}, app), true
+
+	target := req.DestAddr.Address()
+	plan := policy.NewOverridePlan(app, target, sess.choice, sess.f.s.cfg.Network.Usability())
+	if err := plan.Refused(); err != nil {
+		sess.f.s.logPlanFailure(plan, target, err)
+		return ctx, false
+	}
+	return context.WithValue(ctx, appKey{}, socks5Client{app: app, choice: sess.choice}), true
 }
 
 type appKey struct{}
+
+// socks5Client is what Allow passes on to dial through the context.
+type socks5Client struct {
+	app    *policy.App
+	choice string
+}
 
 // dial dials the request's target for the app that Allow stored in ctx.
 // The error it returns carries only the phrase that makes the library send
 // the matching reply code; the full error goes to the log.
 func (sess *socks5Session) dial(ctx context.Context, _, address string) (net.Conn, error) {
-	app, _ := ctx.Value(appKey{}).(*policy.App)
+	client, _ := ctx.Value(appKey{}).(socks5Client)
+	app := client.app
 	if app == nil {
 		// Allow runs before every dial, so this is a programming error.
 		sess.f.logger.Error("dial without app", logkey.Target, address, "unexpected", true)
@@ -120,7 +138,7 @@ func (sess *socks5Session) dial(ctx context.Context, _, address string) (net.Con
 
 	ctx, cancel := sess.f.s.dialContext(ctx)
 	defer cancel()
-	up, err := sess.f.s.dial(ctx, app, sess.f.l, address)
+	up, err := sess.f.s.dial(ctx, app, client.choice, sess.f.l, address)
 	if err != nil {
 		sess.f.logger.Debug("dial failed", logkey.App, app.Name, logkey.Target, address, logkey.Err, err)
 		// Give the failure reply its own time, as the dial may have used
