@@ -33,7 +33,7 @@ var udpBuffers = sync.Pool{New: func() any { return new([maxMessageSize]byte) }}
 
 // attemptResult is the outcome of asking one server once.
 type attemptResult struct {
-	index int // position of the server in Resolver.servers
+	index int // position of the server in the exchange's server list
 	round int
 	resp  *dnsmsg.Msg // set when err is nil: NOERROR or NXDOMAIN
 	err   error
@@ -49,18 +49,25 @@ func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dn
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
+	// One exchange keeps to the servers it started with, even when
+	// SetServers replaces them meanwhile.
+	servers := r.current().servers
+	if len(servers) == 0 {
+		return nil, fmt.Errorf("%w: no servers configured", ErrNoAnswer)
+	}
+
 	// Buffered for every attempt that can be started, so attempts that
 	// finish after exchange returned never block.
-	results := make(chan attemptResult, 1+(len(r.timeouts)-1)*len(r.servers))
-	failures := make([]error, len(r.servers)) // first failure of each server
+	results := make(chan attemptResult, 1+(len(r.timeouts)-1)*len(servers))
+	failures := make([]error, len(servers)) // first failure of each server
 
 	for round, wait := range r.timeouts {
-		count := len(r.servers)
+		count := len(servers)
 		if round == 0 {
 			count = 1
 		}
 		for i := range count {
-			go func() { results <- r.attempt(ctx, i, round, name, qtype) }()
+			go func() { results <- r.attempt(ctx, servers[i], i, round, name, qtype) }()
 		}
 
 		resp, err := waitRound(ctx, results, round, count, wait, failures)
@@ -68,7 +75,7 @@ func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dn
 			return resp, err
 		}
 	}
-	return nil, r.noAnswer(ctx, name, failures)
+	return nil, r.noAnswer(ctx, name, servers, failures)
 }
 
 // waitRound waits up to wait for a usable answer from any attempt so far.
@@ -102,7 +109,7 @@ func waitRound(ctx context.Context, results <-chan attemptResult, round, pending
 // noAnswer builds the error of an exchange that got no usable answer. The
 // first server's failure (in server order) is the primary cause, and the
 // others go to the debug log.
-func (r *Resolver) noAnswer(ctx context.Context, name string, failures []error) error {
+func (r *Resolver) noAnswer(ctx context.Context, name string, servers []netip.AddrPort, failures []error) error {
 	var primary error
 	for i, err := range failures {
 		if err == nil {
@@ -114,7 +121,7 @@ func (r *Resolver) noAnswer(ctx context.Context, name string, failures []error) 
 		}
 		if r.log.Enabled(ctx, slog.LevelDebug) {
 			r.log.LogAttrs(ctx, slog.LevelDebug, "server failed",
-				slog.String(logkey.Target, name), slog.String("server", r.servers[i].String()), slog.Any(logkey.Err, err))
+				slog.String(logkey.Target, name), slog.String("server", servers[i].String()), slog.Any(logkey.Err, err))
 		}
 	}
 	if primary == nil {
@@ -126,8 +133,7 @@ func (r *Resolver) noAnswer(ctx context.Context, name string, failures []error) 
 // attempt queries the server at index once and classifies its answer:
 // SERVFAIL, REFUSED and every rcode other than NOERROR and NXDOMAIN count
 // as a failure of that server.
-func (r *Resolver) attempt(ctx context.Context, index, round int, name string, qtype uint16) attemptResult {
-	server := r.servers[index]
+func (r *Resolver) attempt(ctx context.Context, server netip.AddrPort, index, round int, name string, qtype uint16) attemptResult {
 	start := time.Now()
 	resp, network, err := r.ask(ctx, server, name, qtype)
 	rtt := time.Since(start)

@@ -37,10 +37,7 @@ type Config struct {
 
 	// Servers are asked in this order: the first alone at first, then all
 	// of them. An IPv6 zone (fe80::1%wlan0) is kept and passed to Dial.
-	//
-	// TODO: discovering a link's own servers for "dns: auto" (from
-	// systemd-resolved or NetworkManager) is not written yet, so callers
-	// must pass the servers from the policy.
+	// SetServers replaces them, as a Watcher does for "dns: auto".
 	Servers []netip.AddrPort
 
 	// Search lists search domains without a trailing dot. A name without
@@ -71,8 +68,7 @@ type Config struct {
 // concurrent use, and the slices it returns belong to the caller.
 type Resolver struct {
 	name     string
-	servers  []netip.AddrPort
-	search   []string
+	set      atomic.Pointer[serverSet] // never nil after New
 	timeouts []time.Duration
 	dial     func(ctx context.Context, network, address string) (net.Conn, error)
 	log      *slog.Logger
@@ -89,6 +85,12 @@ type Resolver struct {
 	inflight map[cacheKey]*call // queries being sent, shared by identical lookups
 
 	stats counters
+}
+
+// serverSet is the servers and search domains of a resolver at one time.
+type serverSet struct {
+	servers []netip.AddrPort
+	search  []string
 }
 
 // Stats is a snapshot of a resolver's counters since it was created.
@@ -109,19 +111,13 @@ type counters struct {
 func New(cfg Config) *Resolver {
 	r := &Resolver{
 		name:     cfg.Name,
-		servers:  slices.Clone(cfg.Servers),
 		timeouts: slices.Clone(cfg.Timeouts),
 		dial:     cfg.Dial,
 		log:      cfg.Logger,
 		now:      time.Now,
 		inflight: make(map[cacheKey]*call),
 	}
-	for _, s := range cfg.Search {
-		s = strings.Trim(s, ".")
-		if s != "" {
-			r.search = append(r.search, s)
-		}
-	}
+	r.set.Store(newServerSet(cfg.Servers, cfg.Search))
 	if len(r.timeouts) == 0 {
 		r.timeouts = slices.Clone(defaultTimeouts)
 	}
@@ -143,10 +139,50 @@ func New(cfg Config) *Resolver {
 	return r
 }
 
+func newServerSet(servers []netip.AddrPort, search []string) *serverSet {
+	set := &serverSet{servers: slices.Clone(servers)}
+	for _, s := range search {
+		s = strings.Trim(s, ".")
+		if s != "" {
+			set.search = append(set.search, s)
+		}
+	}
+	return set
+}
+
+// current returns the servers and search domains in use now.
+func (r *Resolver) current() *serverSet {
+	if set := r.set.Load(); set != nil {
+		return set
+	}
+	return &serverSet{}
+}
+
 // Servers returns the servers of r in the order they are asked. It returns
 // nil for the system resolver.
 func (r *Resolver) Servers() []netip.AddrPort {
-	return slices.Clone(r.servers)
+	return slices.Clone(r.current().servers)
+}
+
+// Search returns the search domains of r, without trailing dots.
+func (r *Resolver) Search() []string {
+	return slices.Clone(r.current().search)
+}
+
+// SetServers replaces the servers and search domains of r, for an access
+// point whose servers come from the system and change with the link. It
+// drops the cached answers when anything changed, since they came from
+// the old servers. Lookups already sending keep to the old servers. It
+// reports whether anything changed.
+func (r *Resolver) SetServers(servers []netip.AddrPort, search []string) bool {
+	next := newServerSet(servers, search)
+	old := r.current()
+	if slices.Equal(old.servers, next.servers) && slices.Equal(old.search, next.search) {
+		return false
+	}
+	r.set.Store(next)
+	r.Flush()
+	return true
 }
 
 // Flush drops every cached answer, for when the access point's network
@@ -203,7 +239,7 @@ func (r *Resolver) lookup(ctx context.Context, host string) ([]netip.Addr, error
 	if !isValidHost(host) {
 		return nil, ErrInvalidName
 	}
-	if len(r.servers) == 0 {
+	if len(r.current().servers) == 0 {
 		return nil, fmt.Errorf("%w: no servers configured", ErrNoAnswer)
 	}
 
@@ -281,8 +317,9 @@ func (r *Resolver) candidates(host string) []string {
 		return []string{host}
 	}
 
-	names := make([]string, 0, len(r.search)+1)
-	for _, s := range r.search {
+	search := r.current().search
+	names := make([]string, 0, len(search)+1)
+	for _, s := range search {
 		if name := host + "." + s + "."; isValidHost(name) {
 			names = append(names, name)
 		}
