@@ -35,6 +35,8 @@ commands:
   reload    load the policy file again without dropping connections
   explain   show which access point a connection would use:
                                                      iapd explain -app NAME -target HOST:PORT
+            without a daemon, with routes and DNS sources:
+                                                     iapd explain -c FILE -app NAME -target HOST:PORT
   wait      block until something is usable:         iapd wait -access-point NAME [-timeout 30s]
                                                      iapd wait -destination NAME [-timeout 30s]
   version   print the version
@@ -71,7 +73,11 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	case "reload":
 		err = reloadCommand(args[1:], stdout, stderr)
 	case "explain":
-		err = explainCommand(args[1:], stdout, stderr)
+		if hasPolicyFlag(args[1:]) {
+			err = explainPolicyCommand(args[1:], stdout, stderr)
+		} else {
+			err = explainCommand(args[1:], stdout, stderr)
+		}
 	case "wait":
 		err = waitCommand(args[1:], stdout, stderr)
 	case "version", "-version", "--version":

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"iapd/admin"
+	"iapd/dns"
 	"iapd/iface"
 	"iapd/internal/event"
 	"iapd/internal/logkey"
@@ -26,17 +27,18 @@ import (
 // manager, the proxy with its listeners, and the control API. It
 // implements admin.Daemon.
 type daemon struct {
-	logger  *slog.Logger
-	started time.Time
-	bus     *event.Bus
-	links   *iface.Manager
-	network *network
-	proxy   *proxy.Server
-	usage   *admin.Usage
-	metrics *admin.Metrics
-	watcher *admin.Watcher
-	admin   *admin.Server
-	socket  string // path of the control socket; "" when there is none
+	logger       *slog.Logger
+	started      time.Time
+	bus          *event.Bus
+	links        *iface.Manager
+	network      *network
+	dnsListeners []*dns.Listener // per-app DNS listeners, opened at start
+	proxy        *proxy.Server
+	usage        *admin.Usage
+	metrics      *admin.Metrics
+	watcher      *admin.Watcher
+	admin        *admin.Server
+	socket       string // path of the control socket; "" when there is none
 
 	pol atomic.Pointer[policy.Policy]
 
@@ -87,6 +89,10 @@ func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (_
 	d.usage = admin.NewUsage(d.proxy.Conns)
 	d.metrics = admin.NewMetrics(d, d.usage, d.bus, Version)
 	d.network = newNetwork(pol, d.links, d.metrics, logger)
+	d.dnsListeners, err = startDNSListeners(pol, d.network, func(name string) *policy.App { return d.Policy().Apps[name] }, logger)
+	if err != nil {
+		return nil, err
+	}
 	d.watcher = admin.NewWatcher(d.bus, d.metrics, d.Policy, logger)
 	d.watcher.Check(d.links.Snapshot())
 	d.links.Monitor().RegisterChangeCallback(d.watcher.Changed)
@@ -210,6 +216,12 @@ func (d *daemon) shutdown(drain time.Duration) {
 func (d *daemon) close() {
 	if d.proxy != nil {
 		d.proxy.Close()
+	}
+	for _, dl := range d.dnsListeners {
+		dl.Close()
+	}
+	if d.network != nil {
+		d.network.close()
 	}
 	if d.admin != nil {
 		d.admin.Close()

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -11,6 +12,7 @@ import (
 	"iapd/admin"
 	"iapd/dns"
 	"iapd/iface"
+	"iapd/internal/logkey"
 	"iapd/policy"
 	"iapd/proxy"
 )
@@ -23,6 +25,7 @@ type network struct {
 	links   *iface.Manager
 	metrics *admin.Metrics // nil counts nothing
 	logger  *slog.Logger
+	watcher *dns.Watcher // of the dns: auto links of the current policy; nil when none
 
 	resolvers atomic.Pointer[resolverSet]
 }
@@ -56,6 +59,28 @@ func (n *network) update(pol *policy.Policy) {
 		cur[ap] = &timedResolver{ap: ap, r: n.newResolver(ap), metrics: n.metrics}
 	}
 	n.resolvers.Store(&resolverSet{cur: cur, prev: old})
+
+	for _, ap := range pol.AccessPointOrder {
+		switch {
+		case ap.SystemDNS:
+			n.logger.Info("access point DNS", logkey.AccessPoint, ap.Name, "source", "system resolver")
+		case ap.AutoDNS:
+			// Logged when the watcher finds the servers.
+		default:
+			n.logger.Info("access point DNS", logkey.AccessPoint, ap.Name, "servers", ap.DNS, "search", ap.Search, "source", "policy")
+		}
+	}
+	if n.watcher != nil {
+		n.watcher.Close()
+	}
+	n.watcher = watchAutoDNS(context.Background(), pol, cur, dns.DiscoverConfig{Logger: n.logger}, n.logger)
+}
+
+// close stops following the DNS configuration of dns: auto links.
+func (n *network) close() {
+	if n.watcher != nil {
+		n.watcher.Close()
+	}
 }
 
 func (n *network) newResolver(ap *policy.AccessPoint) *dns.Resolver {
@@ -82,6 +107,7 @@ func (n *network) newResolver(ap *policy.AccessPoint) *dns.Resolver {
 func sameDNS(a, b *policy.AccessPoint) bool {
 	return a.Interface == b.Interface &&
 		a.SystemDNS == b.SystemDNS &&
+		a.AutoDNS == b.AutoDNS &&
 		slices.Equal(a.DNS, b.DNS) &&
 		slices.Equal(a.Search, b.Search) &&
 		slices.Equal(a.DNSTimeouts, b.DNSTimeouts) &&
@@ -135,4 +161,117 @@ func (t *timedResolver) LookupNetIP(ctx context.Context, host string) ([]netip.A
 		t.metrics.DNSLookup(t.ap.Name, time.Since(started), err)
 	}
 	return addrs, err
+}
+
+// autoInterfaces returns the interfaces of the access points with dns:
+// auto, once each.
+func autoInterfaces(pol *policy.Policy) []string {
+	var names []string
+	for _, ap := range pol.AccessPointOrder {
+		if ap.AutoDNS && !slices.Contains(names, ap.Interface) {
+			names = append(names, ap.Interface)
+		}
+	}
+	return names
+}
+
+// applyLinkDNS gives the resolvers of the dns: auto access points on l's
+// interface the servers found for it. Search domains from the policy take
+// the place of those found.
+func applyLinkDNS(pol *policy.Policy, resolvers map[*policy.AccessPoint]*timedResolver, l dns.LinkDNS, logger *slog.Logger) {
+	for _, ap := range pol.AccessPointOrder {
+		if !ap.AutoDNS || ap.Interface != l.Interface {
+			continue
+		}
+		search := l.Search
+		if len(ap.Search) > 0 {
+			search = ap.Search
+		}
+		if resolvers[ap].r.SetServers(l.Servers, search) {
+			logger.Info("access point DNS", logkey.AccessPoint, ap.Name, logkey.Interface, l.Interface,
+				"servers", l.Servers, "search", search, "source", l.Source, "detail", l.Detail)
+		}
+	}
+}
+
+// watchAutoDNS follows the system's DNS configuration of the interfaces of
+// dns: auto access points, or returns nil when there are none.
+func watchAutoDNS(ctx context.Context, pol *policy.Policy, resolvers map[*policy.AccessPoint]*timedResolver, cfg dns.DiscoverConfig, logger *slog.Logger) *dns.Watcher {
+	names := autoInterfaces(pol)
+	if len(names) == 0 {
+		return nil
+	}
+	return dns.NewWatcher(ctx, dns.WatcherConfig{
+		DiscoverConfig: cfg,
+		Interfaces:     names,
+		OnChange:       func(l dns.LinkDNS) { applyLinkDNS(pol, resolvers, l, logger) },
+	})
+}
+
+// resolveRoute returns, for the DNS listener of app, the resolvers that
+// may answer for key (a name, or the address of a reverse lookup): those
+// of the usable access points of the destination that app's routes choose.
+func (n *network) resolveRoute(app *policy.App, key string) ([]*dns.Resolver, []string, error) {
+	plan := policy.NewResolvePlan(app, key, n.Usability())
+	if err := plan.Refused(); err != nil {
+		return nil, nil, fmt.Errorf("%w: %w", dns.ErrRefused, err)
+	}
+	if err := plan.Err(); err != nil {
+		return nil, nil, err
+	}
+	set := n.resolvers.Load()
+	var resolvers []*dns.Resolver
+	var names []string
+	for _, ap := range plan.Candidates {
+		r, ok := set.cur[ap]
+		if !ok {
+			r, ok = set.prev[ap]
+		}
+		if ok {
+			resolvers = append(resolvers, r.r)
+			names = append(names, ap.Name)
+		}
+	}
+	return resolvers, names, nil
+}
+
+// startDNSListeners opens the DNS listener of every app of pol that has
+// one. appOf returns the app of that name in the policy in force, so that
+// a reload changes the routes a listener answers with. On an error it
+// closes those already open.
+//
+// TODO: a reload does not open, close or move DNS listeners; an app that
+// gains, loses or changes dns_listen needs a restart.
+func startDNSListeners(pol *policy.Policy, n *network, appOf func(string) *policy.App, logger *slog.Logger) ([]*dns.Listener, error) {
+	var listeners []*dns.Listener
+	names := make([]string, 0, len(pol.Apps))
+	for name := range pol.Apps {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		app := pol.Apps[name]
+		if app.DNSListen == "" {
+			continue
+		}
+		dl := dns.NewListener(dns.ListenerConfig{
+			App: app.Name,
+			Route: func(key string) ([]*dns.Resolver, []string, error) {
+				cur := appOf(name)
+				if cur == nil {
+					return nil, nil, fmt.Errorf("%w: app %s is no longer in the policy", dns.ErrRefused, name)
+				}
+				return n.resolveRoute(cur, key)
+			},
+			Logger: logger,
+		})
+		if err := dl.ListenAndServe(app.DNSListen); err != nil {
+			for _, l := range listeners {
+				l.Close()
+			}
+			return nil, fmt.Errorf("app %s: %w", app.Name, err)
+		}
+		listeners = append(listeners, dl)
+	}
+	return listeners, nil
 }
