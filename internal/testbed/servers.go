@@ -26,6 +26,10 @@ import (
 // before it sends "done\n".
 type webServer struct {
 	accepted atomic.Int64
+	srv      *http.Server
+	sink     *logSink
+	uplink   string
+	wg       sync.WaitGroup
 
 	mu      sync.Mutex    // protects release and holding
 	release chan struct{} // closed to let /hold requests finish
@@ -34,8 +38,9 @@ type webServer struct {
 
 func startWeb(t testing.TB, u *Uplink) *webServer {
 	t.Helper()
-	w := &webServer{release: make(chan struct{})}
+	w := &webServer{uplink: u.Name, release: make(chan struct{})}
 	sink := newLogSink(t)
+	w.sink = sink
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 			client := r.RemoteAddr
@@ -55,21 +60,13 @@ func startWeb(t testing.TB, u *Uplink) *webServer {
 		ErrorLog:          log.New(sink, "web "+u.Name+": ", 0),
 	}
 
-	var wg sync.WaitGroup
+	w.srv = srv
 	for _, ip := range []netip.Addr{WebIPv4, WebIPv6} {
-		ln := u.NS.Listen(t, "tcp", netip.AddrPortFrom(ip, 80).String())
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			err := srv.Serve(&countingListener{Listener: ln, accepted: &w.accepted})
-			if !errors.Is(err, http.ErrServerClosed) {
-				sink.logf("web %s on %s: %v", u.Name, ln.Addr(), err)
-			}
-		}()
+		w.serve(t, u, ip)
 	}
 	t.Cleanup(func() {
 		srv.Close()
-		wg.Wait()
+		w.wg.Wait()
 	})
 	return w
 }
@@ -115,6 +112,20 @@ func (u *Uplink) Holding() int {
 	return u.web.holding
 }
 
+// serve adds a listener on ip port 80, inside u's namespace.
+func (w *webServer) serve(t testing.TB, u *Uplink, ip netip.Addr) {
+	t.Helper()
+	ln := u.NS.Listen(t, "tcp", netip.AddrPortFrom(ip, 80).String())
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		err := w.srv.Serve(&countingListener{Listener: ln, accepted: &w.accepted})
+		if !errors.Is(err, http.ErrServerClosed) {
+			w.sink.logf("web %s on %s: %v", w.uplink, ln.Addr(), err)
+		}
+	}()
+}
+
 type countingListener struct {
 	net.Listener
 	accepted *atomic.Int64
@@ -134,49 +145,59 @@ func (l *countingListener) Accept() (net.Conn, error) {
 // logs every question.
 type dnsServer struct {
 	uplink string
+	sink   *logSink
+	wg     sync.WaitGroup
 
-	mu  sync.Mutex // protects log
-	log []string
+	mu      sync.Mutex // protects log, sites and servers
+	log     []string
+	sites   map[string]netip.Addr // domain to address, for the domain and every name below it
+	servers []*dns.Server
 }
 
 const dnsTTL = 60 // seconds
 
 func startDNS(t testing.TB, u *Uplink) *dnsServer {
 	t.Helper()
-	d := &dnsServer{uplink: u.Name}
-	sink := newLogSink(t)
-
-	var servers []*dns.Server
+	d := &dnsServer{uplink: u.Name, sink: newLogSink(t), sites: make(map[string]netip.Addr)}
 	for _, ip := range []netip.Addr{DNSIPv4, DNSIPv6} {
-		addr := netip.AddrPortFrom(ip, 53).String()
-		servers = append(servers,
-			&dns.Server{PacketConn: u.NS.ListenPacket(t, "udp", addr), Handler: d},
-			&dns.Server{Listener: u.NS.Listen(t, "tcp", addr), Handler: d},
-		)
+		d.serve(t, u, netip.AddrPortFrom(ip, 53).String())
 	}
+	t.Cleanup(func() {
+		d.mu.Lock()
+		servers := d.servers
+		d.mu.Unlock()
+		for _, srv := range servers {
+			srv.Shutdown()
+		}
+		d.wg.Wait()
+	})
+	return d
+}
 
-	var wg sync.WaitGroup
+// serve answers on addr over UDP and TCP, inside u's namespace.
+func (d *dnsServer) serve(t testing.TB, u *Uplink, addr string) {
+	t.Helper()
+	servers := []*dns.Server{
+		{PacketConn: u.NS.ListenPacket(t, "udp", addr), Handler: d},
+		{Listener: u.NS.Listen(t, "tcp", addr), Handler: d},
+	}
 	for _, srv := range servers {
 		started := make(chan struct{})
 		srv.NotifyStartedFunc = func() { close(started) }
-		wg.Add(1)
+		d.wg.Add(1)
 		go func() {
-			defer wg.Done()
+			defer d.wg.Done()
 			if err := srv.ActivateAndServe(); err != nil {
-				sink.logf("dns %s: %v", u.Name, err)
+				d.sink.logf("dns %s: %v", u.Name, err)
 			}
 		}()
 		// Shutdown refuses a server that has not started, which would
 		// leave its goroutine running.
 		<-started
 	}
-	t.Cleanup(func() {
-		for _, srv := range servers {
-			srv.Shutdown()
-		}
-		wg.Wait()
-	})
-	return d
+	d.mu.Lock()
+	d.servers = append(d.servers, servers...)
+	d.mu.Unlock()
 }
 
 // ServeDNS answers one query; it implements dns.Handler.
@@ -232,6 +253,14 @@ func (d *dnsServer) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 // records returns the addresses of name on d's uplink; known is false when
 // the name does not exist there.
 func (d *dnsServer) records(name string) (v4, v6 netip.Addr, known bool) {
+	d.mu.Lock()
+	for domain, addr := range d.sites {
+		if name == domain+"." || strings.HasSuffix(name, "."+domain+".") {
+			d.mu.Unlock()
+			return addr, netip.Addr{}, true
+		}
+	}
+	d.mu.Unlock()
 	switch name {
 	case "www." + d.uplink + ".test.":
 		return WebIPv4, WebIPv6, true
