@@ -5,6 +5,9 @@
 #   curl        the real client in end-to-end tests
 #   util-linux  setpriv, to start iapd without capabilities in a test
 #   chromium    headless browser for the status page and proxy tests
+#   dbus-daemon a private bus for the stand-in systemd-resolved and
+#               NetworkManager of the dns: auto tests
+#   bind9-dnsutils  dig, the real DNS client of the per-app DNS listener test
 #   golang-go   only when no Go toolchain is installed; go.mod then makes
 #               it fetch the Go release the module needs
 set -eu
@@ -14,6 +17,8 @@ command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v curl >/dev/null 2>&1 || need="$need curl"
 command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
 command -v chromium >/dev/null 2>&1 || need="$need chromium"
+command -v dbus-daemon >/dev/null 2>&1 || need="$need dbus-daemon"
+command -v dig >/dev/null 2>&1 || need="$need bind9-dnsutils"
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
 	need="$need golang-go ca-certificates"
 fi
