@@ -123,7 +123,7 @@ func writeExplain(ctx context.Context, w io.Writer, plan policy.Plan, target str
 	}
 }
 
-// describeDNS says which servers ap uses and where they come from.
+// describeDNS returns which servers ap uses and where they come from.
 func describeDNS(ctx context.Context, ap *policy.AccessPoint, cfg dns.DiscoverConfig) string {
 	switch {
 	case ap.SystemDNS:
