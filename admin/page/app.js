@@ -136,13 +136,20 @@
     });
   }
 
-  var pending = null;
+  // At most one refresh runs at a time. A refresh requested while one runs
+  // starts once that one ends, because the running one may have read the
+  // state before the change behind the request.
+  var running = false;
+  var again = false;
 
   function refresh() {
-    if (pending) {
-      return pending;
+    if (running) {
+      again = true;
+      return;
     }
-    pending = Promise.all([
+    running = true;
+    again = false;
+    Promise.all([
       fetchJSON("/v1/status"),
       fetchJSON("/v1/interfaces"),
       fetchJSON("/v1/access-points"),
@@ -157,9 +164,11 @@
     }).catch(function (err) {
       setStream("lost", "state not available: " + err.message);
     }).then(function () {
-      pending = null;
+      running = false;
+      if (again) {
+        refresh();
+      }
     });
-    return pending;
   }
 
   function setStream(state, message) {
