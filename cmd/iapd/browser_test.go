@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -15,11 +16,13 @@ import (
 
 // These tests drive Debian's headless Chromium (scripts/setup-debian.sh
 // installs it) inside the bed's host namespace. Each starts Chromium once,
-// which loads one page and prints the DOM it rendered.
+// which loads one page. Most read the DOM that Chromium prints once the
+// page loaded, but the test of the live status page drives Chromium
+// through the DevTools protocol (see browserPage).
 
-// chromium runs headless Chromium in the host namespace on url with
-// extra flags, and returns the DOM it rendered once the page loaded.
-func chromium(t *testing.T, bed *testbed.Bed, url string, flags ...string) string {
+// chromiumCommand returns headless Chromium, set to run in the host
+// namespace on url with the flags every test needs and then extra.
+func chromiumCommand(ctx context.Context, t *testing.T, bed *testbed.Bed, url string, extra ...string) *exec.Cmd {
 	t.Helper()
 	path, err := exec.LookPath("chromium")
 	if err != nil {
@@ -29,17 +32,22 @@ func chromium(t *testing.T, bed *testbed.Bed, url string, flags ...string) strin
 		"--headless", "--no-sandbox", "--disable-gpu",
 		"--disable-background-networking", "--disable-component-update", "--disable-sync",
 		"--no-first-run", "--user-data-dir=" + t.TempDir(),
-		"--dump-dom",
 	}
-	args = append(append(args, flags...), url)
+	args = append(append(args, extra...), url)
+	return bed.Host.Command(ctx, path, args...)
+}
 
+// chromium runs headless Chromium in the host namespace on url with
+// extra flags, and returns the DOM it rendered once the page loaded.
+func chromium(t *testing.T, bed *testbed.Bed, url string, flags ...string) string {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	started := time.Now()
-	cmd := bed.Host.Command(ctx, path, args...)
+	cmd := chromiumCommand(ctx, t, bed, url, append([]string{"--dump-dom"}, flags...)...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err = cmd.Run()
+	err := cmd.Run()
 	t.Logf("chromium %s: %v after %v", url, err, time.Since(started).Round(time.Millisecond))
 	if err != nil {
 		t.Fatalf("chromium: %v\nstderr:\n%s", err, stderr.String())
@@ -119,5 +127,90 @@ func TestPrivilegedChromiumUsesPAC(t *testing.T) {
 	}
 	if bed.Uplink("wifi").Queried("www.cell.test") {
 		t.Errorf("wifi's DNS server was asked for www.cell.test")
+	}
+}
+
+// rowText returns a JavaScript expression for the text of the row named
+// name in the page's table tableID, its cells separated by tabs, or ""
+// when there is no such row.
+func rowText(tableID, name string) string {
+	return fmt.Sprintf(`document.querySelector('#%s tr[data-name="%s"]')?.innerText ?? ""`, tableID, name)
+}
+
+// connectionsText is a JavaScript expression for the text of the page's
+// table of live connections.
+const connectionsText = `document.querySelector("#connections tbody").innerText`
+
+// eventText returns a JavaScript expression for the text of the newest
+// event of kind in the page's list of events, or "" when there is none.
+func eventText(kind string) string {
+	return fmt.Sprintf(`document.querySelector('#events li[data-kind="%s"]')?.innerText ?? ""`, kind)
+}
+
+func TestPrivilegedStatusPageFollowsEvents(t *testing.T) {
+	bed, _ := startService(t, testbed.StartOptions{})
+	cell := bed.Uplink("cell")
+	page := openPage(t, bed, "http://127.0.0.1:9180/", "--window-size=1280,1100")
+	contains := func(want string) func(string) bool {
+		return func(s string) bool { return strings.Contains(s, want) }
+	}
+
+	// A reload would start the page's script again; this mark would not
+	// survive it.
+	page.waitFor(t, "the page to follow the event stream", `document.getElementById("stream").dataset.state`, contains("live"))
+	if _, err := page.evaluate(`window.loadedOnce = true`); err != nil {
+		t.Fatal(err)
+	}
+	page.waitFor(t, "cell usable", rowText("access-points", "cell"), contains("cell\tcell\tusable\t"))
+	page.waitFor(t, "no connections", connectionsText, contains("no open connections"))
+
+	// browser's held download over wifi shows among the live connections.
+	wifi := bed.Uplink("wifi")
+	release := wifi.Hold()
+	defer release()
+	held := startCurl(t, bed, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
+	waitUntil(t, "the download to be held", func() bool { return wifi.Holding() == 1 })
+	heldRow := "browser\t127.0.0.1:1080\twww.wifi.test:80\twifi\twifi\t"
+	page.waitFor(t, "the held connection", connectionsText, contains(heldRow))
+
+	// Stop the page's timers, among them its periodic refresh, so that
+	// what changes from here on can only come from the event stream.
+	if _, err := page.evaluate(`for (let id = setTimeout(() => {}); id > 0; id--) { clearTimeout(id); clearInterval(id); }`); err != nil {
+		t.Fatal(err)
+	}
+
+	cell.LinkDown(t)
+	for _, step := range []struct{ name, expr, want string }{
+		{"cell unusable", rowText("access-points", "cell"), "cell\tcell\tunusable: interface cell is down\t"},
+		{"mail fails over to wifi", rowText("apps", "mail"), "mail\tcell-first\twifi\t"},
+		{"destination switched", rowText("destinations", "cell-first"), "cell-first\tcell → wifi\twifi\tmail"},
+		{"interface down", rowText("interfaces", "cell"), "\tdown\t"},
+		{"event listed", eventText("access_point_unusable"), "access_point_unusable interface=cell access_point=cell (interface cell is down)"},
+		{"connection still listed", connectionsText, heldRow},
+	} {
+		page.waitFor(t, step.name, step.expr, contains(step.want))
+	}
+	shot := filepath.Join(testbed.ArtifactDir(t), "status-page-live.png")
+	if err := page.screenshot(shot); err != nil {
+		t.Errorf("screenshot: %v", err)
+	}
+	t.Logf("screenshot after cell went down: %s", shot)
+
+	cell.LinkUp(t)
+	for _, step := range []struct{ name, expr, want string }{
+		{"cell usable again", rowText("access-points", "cell"), "cell\tcell\tusable\t"},
+		{"mail back on cell", rowText("apps", "mail"), "mail\tcell-first\tcell\t"},
+		{"interface up", rowText("interfaces", "cell"), "\tup\t"},
+		{"event listed", eventText("access_point_usable"), "access_point_usable interface=cell access_point=cell"},
+	} {
+		page.waitFor(t, step.name, step.expr, contains(step.want))
+	}
+
+	if got, err := page.evaluate(`String(window.loadedOnce)`); err != nil || got != "true" {
+		t.Errorf("the page was loaded again (mark %q, error %v), want one load", got, err)
+	}
+	release()
+	if body, code := held.wait(t); code != 0 || body != viaWifi+"done\n" {
+		t.Errorf("the held download: curl exit %d with body %q, want 0 and %q", code, body, viaWifi+"done\n")
 	}
 }
