@@ -38,11 +38,13 @@ func compile(raw *rawPolicy) (*Policy, ErrorList) {
 			Apps:         make(map[string]*App, len(raw.Apps)),
 			AccessPoints: make(map[string]*AccessPoint, len(raw.AccessPoints)),
 			Destinations: make(map[string]*Destination, len(raw.Destinations)),
+			Interfaces:   make(map[string]*Link, len(raw.Interfaces)),
 		},
 	}
 
 	// Access points come first and destinations before apps, because each
 	// stage refers to what the previous one built.
+	c.interfaces()
 	c.accessPoints()
 	c.destinations()
 	c.apps()
@@ -54,6 +56,17 @@ func compile(raw *rawPolicy) (*Policy, ErrorList) {
 		RulePriority: int(raw.Routing.Priority),
 	}
 	return c.p, c.errs
+}
+
+func (c *compiler) interfaces() {
+	for _, raw := range c.raw.Interfaces {
+		c.p.Interfaces[raw.Name] = &Link{
+			Interface: raw.Name,
+			Type:      raw.linkType,
+			Cost:      int(raw.Cost),
+			Metered:   raw.metered,
+		}
+	}
 }
 
 func (c *compiler) accessPoints() {
@@ -87,6 +100,25 @@ func (c *compiler) accessPoints() {
 		if raw.Proxy != nil && raw.Proxy.protocol != 0 {
 			ap.Proxy = c.gatewayProxy(raw.Proxy, "access_points."+raw.Name+".proxy")
 		}
+		if rp := raw.Probe; rp != nil {
+			ap.Probe = &Probe{
+				Kind:         rp.kind,
+				Status:       int(rp.Status),
+				Interval:     rp.Interval,
+				Timeout:      rp.Timeout,
+				Failures:     int(rp.Failures),
+				Successes:    int(rp.Successes),
+				DialFailures: int(rp.DialFailures),
+			}
+			switch rp.kind {
+			case ProbeTCP:
+				ap.Probe.Target = rp.TCP.Value
+			case ProbeHTTP:
+				ap.Probe.Target = rp.HTTP.Value
+			case ProbeDNS:
+				ap.Probe.Target = rp.DNS.Value
+			}
+		}
 
 		c.p.AccessPoints[ap.Name] = ap
 		c.p.AccessPointOrder = append(c.p.AccessPointOrder, ap)
@@ -107,7 +139,15 @@ func zoneDNSServer(s netip.AddrPort, ap *AccessPoint) netip.AddrPort {
 
 func (c *compiler) destinations() {
 	for _, raw := range c.raw.Destinations {
-		d := &Destination{Name: raw.Name}
+		d := &Destination{
+			Name:      raw.Name,
+			Select:    raw.selection,
+			Tolerance: raw.Tolerance.Value,
+			RaceDelay: raw.RaceDelay.Value,
+			HoldDown:  raw.HoldDown.Value,
+			OnLost:    raw.onLost,
+			OnBetter:  raw.onBetter,
+		}
 		for i, t := range raw.AccessPoints {
 			if !t.IsSet() {
 				continue
@@ -126,7 +166,11 @@ func (c *compiler) destinations() {
 
 func (c *compiler) apps() {
 	for _, raw := range c.raw.Apps {
-		app := &App{Name: raw.Name, AllowOverride: raw.allowAll || len(raw.AllowOverride) > 0}
+		app := &App{
+			Name:          raw.Name,
+			AllowOverride: raw.allowAll || len(raw.AllowOverride) > 0,
+			Require:       Requirement{Types: raw.Require.types, Metered: raw.Require.metered},
+		}
 		if raw.dnsListenParsed {
 			app.DNSListen = raw.dnsListenAddr.String()
 		}
@@ -174,7 +218,14 @@ func (c *compiler) accessPointDestination(t text, path string) *Destination {
 		return d
 	}
 
-	d := &Destination{Name: name, AccessPoints: []*AccessPoint{ap}, Implicit: true}
+	d := &Destination{
+		Name:         name,
+		AccessPoints: []*AccessPoint{ap},
+		Implicit:     true,
+		Tolerance:    DefaultTolerance,
+		RaceDelay:    DefaultRaceDelay,
+		HoldDown:     DefaultHoldDown,
+	}
 	c.implicit[name] = d
 	// The implicit destination takes the access point's name, so an
 	// explicit destination of that name would make "destination=wifi" in

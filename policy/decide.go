@@ -3,9 +3,11 @@ package policy
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Usability reports whether an access point can carry a connection now and,
@@ -49,15 +51,56 @@ func (l *Listener) Identify(user, password string, hasCredentials bool) (*App, s
 	return u.App, choice, nil
 }
 
+// Status is an access point's state at one moment, as far as a plan
+// needs it.
+type Status struct {
+	Usable bool
+	Reason string // why it is not usable; empty when it is
+
+	// Since is when the access point last became usable. The zero time
+	// means usable since iapd started, which no hold-down applies to.
+	Since time.Time
+
+	IPv4, IPv6 bool          // address families it can carry now: an address and a route
+	Latency    time.Duration // round trip of the last probe that passed; zero when not measured
+	Link       Link          // facts of the interface it sends through now
+	Probe      string        // the probe's state in words, for people; empty without a probe
+}
+
+// Conditions is what a plan needs to know about the access points now.
+// The daemon implements it over live interface state and probes; tests
+// implement it with maps. Its methods are called for every connection, so
+// they must be cheap and safe for concurrent use.
+type Conditions interface {
+	// Status returns the state of ap now.
+	Status(ap *AccessPoint) Status
+	// Now returns the current time, against which hold-downs run.
+	Now() time.Time
+	// Current returns the access point that d put first last time the
+	// daemon looked, or nil. The latency rule keeps it first while it is
+	// within the tolerance.
+	Current(d *Destination) *AccessPoint
+	// Turn returns a number that grows by one with every call for d. The
+	// round-robin rule starts at the access point it points to.
+	Turn(d *Destination) uint64
+}
+
 // Plan is the decision for one connection: the destination that applies
-// and its access points that are usable now, in the order to try them.
+// and its access points that may carry the connection now, in the order to
+// try them.
 type Plan struct {
-	App         *App
+	App         *App         // nil for a plan of a destination alone
 	Destination *Destination // nil when the connection is refused
 	Route       *Route       // route that chose Destination; nil for the app's own destination
 	Choice      string       // access point or destination the client chose; "" for none
 	Candidates  []*AccessPoint
 	Unusable    []Unusable
+	// Held lists the candidates that came back less than the hold-down
+	// ago. They are tried after the others, at the end of Candidates.
+	Held []Held
+	// Why explains in words why the first candidate comes first; empty
+	// when there is no candidate.
+	Why string
 
 	refused error // wraps ErrNotAllowed; nil when allowed
 }
@@ -66,12 +109,23 @@ type Plan struct {
 type Unusable struct {
 	AccessPoint *AccessPoint
 	Reason      string
+	// Filtered is true when the access point is usable but the app's
+	// requirement, or the target's address family, rules it out.
+	Filtered bool
+}
+
+// Held is a usable access point that waits out its destination's hold-down
+// before it is preferred again.
+type Held struct {
+	AccessPoint *AccessPoint
+	Until       time.Time
 }
 
 // NewPlan decides which access points may carry a connection of app to
-// target (host:port as the client sent it). It does no I/O.
-func NewPlan(app *App, target string, u Usability) Plan {
-	return NewOverridePlan(app, target, "", u)
+// target (host:port as the client sent it) under conditions c, and in what
+// order. It does no I/O.
+func NewPlan(app *App, target string, c Conditions) Plan {
+	return NewOverridePlan(app, target, "", c)
 }
 
 // NewOverridePlan is NewPlan for a client that chose an access point or
@@ -80,19 +134,29 @@ func NewPlan(app *App, target string, u Usability) Plan {
 // target that a route sends to a destination may be narrowed only to one
 // of that destination's access points, so that a routed name is never
 // resolved elsewhere. A choice that the app does not allow is refused.
-func NewOverridePlan(app *App, target, choice string, u Usability) Plan {
+func NewOverridePlan(app *App, target, choice string, c Conditions) Plan {
 	host, port, hasPort := splitHostPort(target)
-	return newPlan(app, host, port, hasPort, choice, u)
+	return newPlan(app, host, port, hasPort, choice, c)
 }
 
 // NewResolvePlan decides which access points may resolve name for app,
 // for the app's DNS listener, where the port of the coming connection is
 // not known. Routes are matched as matchRoute describes for that case.
-func NewResolvePlan(app *App, name string, u Usability) Plan {
-	return newPlan(app, name, 0, false, "", u)
+func NewResolvePlan(app *App, name string, c Conditions) Plan {
+	return newPlan(app, name, 0, false, "", c)
 }
 
-func newPlan(app *App, host string, port uint16, hasPort bool, choice string, u Usability) Plan {
+// PlanDestination orders d's access points under c for a connection of no
+// particular app or target: what d prefers now. It does not take a
+// round-robin turn, so a round-robin destination starts at its first
+// usable access point.
+func PlanDestination(d *Destination, c Conditions) Plan {
+	p := Plan{Destination: d}
+	p.order(Requirement{}, familyAny, c, false)
+	return p
+}
+
+func newPlan(app *App, host string, port uint16, hasPort bool, choice string, c Conditions) Plan {
 	p := Plan{App: app, Choice: choice, Destination: app.Destination}
 	if r := app.matchRoute(host, port, hasPort); r != nil {
 		p.Route = r
@@ -111,16 +175,55 @@ func newPlan(app *App, host string, port uint16, hasPort bool, choice string, u 
 		}
 		p.Destination = d
 	}
+	p.order(app.Require, hostFamily(host), c, true)
+	return p
+}
 
-	for _, ap := range p.Destination.AccessPoints {
-		ok, reason := u.Usable(ap)
-		if !ok {
-			p.Unusable = append(p.Unusable, Unusable{AccessPoint: ap, Reason: reason})
+// order fills the plan's candidates from its destination's access points
+// under c: those usable, of the needed family and meeting req, in the
+// order of the destination's rule, with those still held down last. With
+// takeTurn, a round-robin destination moves on by one.
+func (p *Plan) order(req Requirement, family addrFamily, c Conditions, takeTurn bool) {
+	d := p.Destination
+	now := c.Now()
+	var settled, held []candidate
+	for i, ap := range d.AccessPoints {
+		st := c.Status(ap)
+		if !st.Usable {
+			p.Unusable = append(p.Unusable, Unusable{AccessPoint: ap, Reason: st.Reason})
 			continue
 		}
-		p.Candidates = append(p.Candidates, ap)
+		if reason := family.check(st); reason != "" {
+			p.Unusable = append(p.Unusable, Unusable{AccessPoint: ap, Reason: reason, Filtered: true})
+			continue
+		}
+		if reason := req.Check(st.Link); reason != "" {
+			p.Unusable = append(p.Unusable, Unusable{AccessPoint: ap, Reason: reason, Filtered: true})
+			continue
+		}
+
+		cand := candidate{ap: ap, status: st, index: i}
+		if until := st.Since.Add(d.HoldDown); !st.Since.IsZero() && now.Before(until) {
+			p.Held = append(p.Held, Held{AccessPoint: ap, Until: until})
+			held = append(held, cand)
+			continue
+		}
+		settled = append(settled, cand)
 	}
-	return p
+
+	turn := uint64(0)
+	if takeTurn && d.Select == SelectRoundRobin && len(settled)+len(held) > 0 {
+		turn = c.Turn(d)
+	}
+	settled, p.Why = order(d, settled, c, turn)
+	held, heldWhy := order(d, held, c, turn)
+	if len(settled) == 0 && len(held) > 0 {
+		p.Why = fmt.Sprintf("%s; it came back %s ago and is held down for %s, but nothing else is usable",
+			heldWhy, now.Sub(held[0].status.Since).Round(time.Millisecond), d.HoldDown)
+	}
+	for _, cand := range append(settled, held...) {
+		p.Candidates = append(p.Candidates, cand.ap)
+	}
 }
 
 // choose returns the destination that a client's choice stands for, or an
@@ -171,6 +274,62 @@ func (p Plan) DestinationName() string {
 		return ""
 	}
 	return p.Destination.Name
+}
+
+// Check returns why an access point whose interface has the facts l does
+// not meet r, or "" when it does.
+func (r Requirement) Check(l Link) string {
+	if len(r.Types) > 0 && !slices.Contains(r.Types, l.Type) {
+		wanted := make([]string, len(r.Types))
+		for i, t := range r.Types {
+			wanted[i] = string(t)
+		}
+		if l.Type == "" {
+			return fmt.Sprintf("interface %s has no type, and the app requires %s (set interfaces.%s.type)",
+				l.Interface, strings.Join(wanted, " or "), l.Interface)
+		}
+		return fmt.Sprintf("interface %s is %s, and the app requires %s", l.Interface, l.Type, strings.Join(wanted, " or "))
+	}
+	if r.Metered != nil && *r.Metered != l.Metered {
+		if l.Metered {
+			return fmt.Sprintf("interface %s is metered, and the app requires unmetered", l.Interface)
+		}
+		return fmt.Sprintf("interface %s is unmetered, and the app requires metered", l.Interface)
+	}
+	return ""
+}
+
+// addrFamily is the address family that a target needs.
+type addrFamily uint8
+
+const (
+	familyAny addrFamily = iota // a name, which may resolve to either
+	familyIPv4
+	familyIPv6
+)
+
+// hostFamily returns the family of host when it is an address.
+func hostFamily(host string) addrFamily {
+	addr, err := netip.ParseAddr(host)
+	switch {
+	case err != nil:
+		return familyAny
+	case addr.Unmap().Is4():
+		return familyIPv4
+	}
+	return familyIPv6
+}
+
+// check returns why an access point in state st cannot carry a target of
+// family f, or "".
+func (f addrFamily) check(st Status) string {
+	switch {
+	case f == familyIPv4 && !st.IPv4:
+		return fmt.Sprintf("interface %s has no IPv4 address and route, and the target is an IPv4 address", st.Link.Interface)
+	case f == familyIPv6 && !st.IPv6:
+		return fmt.Sprintf("interface %s has no IPv6 address and route, and the target is an IPv6 address", st.Link.Interface)
+	}
+	return ""
 }
 
 // Err returns nil when the plan has a candidate. Otherwise it returns the

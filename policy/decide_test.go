@@ -3,6 +3,7 @@ package policy
 import (
 	"errors"
 	"testing"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -47,11 +48,11 @@ func TestListenerIdentify(t *testing.T) {
 	port, creds := p.Listeners[0], p.Listeners[1]
 
 	tests := []struct {
-		name     string
-		listener *Listener
-		user     string
-		password string
-		hasCreds bool
+		name       string
+		listener   *Listener
+		user       string
+		password   string
+		hasCreds   bool
 		wantApp    string
 		wantChoice string
 		wantErr    error
@@ -120,13 +121,48 @@ func TestErrorTexts(t *testing.T) {
 	}
 }
 
-// mapUsability is a Usability over a fixed table: access points missing
-// from it are usable.
+// mapUsability lists the access points that are not usable, with the
+// reason; the others are, for both families. It is Conditions with no
+// hold-downs, no latencies and no link facts.
 type mapUsability map[string]string
 
-func (m mapUsability) Usable(ap *AccessPoint) (bool, string) {
-	reason, down := m[ap.Name]
-	return !down, reason
+func (m mapUsability) Status(ap *AccessPoint) Status {
+	return (&fakeConditions{down: m}).Status(ap)
+}
+
+func (m mapUsability) Now() time.Time                    { return time.Time{} }
+func (m mapUsability) Current(*Destination) *AccessPoint { return nil }
+func (m mapUsability) Turn(*Destination) uint64          { return 0 }
+
+// fakeConditions is Conditions over fixed tables. An access point is
+// usable for both families, with an unlisted interface, unless down or
+// status says otherwise.
+type fakeConditions struct {
+	down    mapUsability
+	status  map[string]Status // by access point name; replaces the default
+	now     time.Time
+	current map[string]*AccessPoint // by destination name
+	turn    uint64
+}
+
+func (f *fakeConditions) Status(ap *AccessPoint) Status {
+	st, ok := f.status[ap.Name]
+	if !ok {
+		st = Status{Usable: true, IPv4: true, IPv6: true, Link: Link{Interface: ap.Interface}}
+	}
+	if reason, down := f.down[ap.Name]; down {
+		st.Usable, st.Reason = false, reason
+	}
+	return st
+}
+
+func (f *fakeConditions) Now() time.Time { return f.now }
+
+func (f *fakeConditions) Current(d *Destination) *AccessPoint { return f.current[d.Name] }
+
+func (f *fakeConditions) Turn(d *Destination) uint64 {
+	f.turn++
+	return f.turn - 1
 }
 
 func TestNewPlan(t *testing.T) {
@@ -201,7 +237,7 @@ destinations:
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			app := p.Apps[tt.app]
-			plan := NewPlan(app, "example.com:443", tt.down)
+			plan := NewPlan(app, "example.com:443", &fakeConditions{down: tt.down})
 
 			if plan.App != app || plan.Destination != app.Destination {
 				t.Errorf("plan app %v destination %v, want %s and its destination", plan.App, plan.Destination, tt.app)

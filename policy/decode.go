@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -248,4 +249,39 @@ func editDistance(a, b string) int {
 		prev, cur = cur, prev
 	}
 	return prev[len(b)]
+}
+
+// decodeDuration decodes a Go duration (500ms, 2s, 1m30s). It adds an
+// error at n when the value is not one or is negative.
+func decodeDuration(errs *ErrorList, path string, n *yaml.Node) (time.Duration, text, bool) {
+	t := decodeText(errs, path, n)
+	if !t.IsSet() {
+		return 0, text{}, false
+	}
+	d, err := time.ParseDuration(t.Value)
+	switch {
+	case err != nil:
+		errs.add(t.Pos, path, "invalid duration %q: use a number with a unit, like 500ms or 2s", t.Value)
+		return 0, text{}, false
+	case d < 0:
+		errs.add(t.Pos, path, "duration %s must not be negative", t.Value)
+		return 0, text{}, false
+	}
+	return d, t, true
+}
+
+// decodeBool decodes a YAML boolean (true or false).
+func decodeBool(errs *ErrorList, path string, n *yaml.Node) (bool, text, bool) {
+	n = resolve(n)
+	if n.Kind != yaml.ScalarNode || n.Tag != "!!bool" {
+		errs.add(posOf(n), path, "must be true or false, found %s", describe(n))
+		return false, text{}, false
+	}
+	t := text{Value: n.Value, Pos: posOf(n)}
+	var v bool
+	if err := n.Decode(&v); err != nil {
+		errs.add(t.Pos, path, "must be true or false, found %s", describe(n))
+		return false, text{}, false
+	}
+	return v, t, true
 }

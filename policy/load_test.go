@@ -191,6 +191,92 @@ destinations:
 			},
 		},
 		{
+			name: "probes selection and requirements",
+			yaml: `
+listeners:
+  - listen: "127.0.0.1:0"
+    app: browser
+apps:
+  browser: {destination: internet}
+  backup:
+    destination: internet
+    require: {types: [wifi, ethernet], metered: false}
+  mms: {access_point: cell}
+access_points:
+  wifi:
+    interface: wlan0
+    dns: [192.0.2.53]
+    probe: {http: "http://192.0.2.80/generate_204", status: 204, interval: 500ms, timeout: 300ms, failures: 2, successes: 1, dial_failures: 0}
+  cell:
+    interface: wwan0
+    dns: [198.51.100.53]
+    probe: {tcp: "check.example:443"}
+  host:
+    interface: default
+    dns: system
+    probe: {dns: example.com, interval: 1s}
+interfaces:
+  wlan0: {type: wifi}
+  wwan0: {type: cellular, cost: 10}
+  usb0: {type: cellular, metered: false}
+destinations:
+  internet:
+    access_points: [wifi, cell, host]
+    select: latency
+    tolerance: 5ms
+    hold_down: 0s
+    on_lost: keep
+    on_better: close
+  racing: {access_points: [wifi, cell], select: race, race_delay: 100ms}
+`,
+			check: func(t *testing.T, p *Policy) {
+				wantProbes := map[string]Probe{
+					"wifi": {Kind: ProbeHTTP, Target: "http://192.0.2.80/generate_204", Status: 204, Interval: 500 * time.Millisecond, Timeout: 300 * time.Millisecond, Failures: 2, Successes: 1},
+					"cell": {Kind: ProbeTCP, Target: "check.example:443", Status: 200, Interval: 10 * time.Second, Timeout: 2 * time.Second, Failures: 3, Successes: 2, DialFailures: 3},
+					"host": {Kind: ProbeDNS, Target: "example.com", Status: 200, Interval: time.Second, Timeout: time.Second, Failures: 3, Successes: 2, DialFailures: 3},
+				}
+				for name, want := range wantProbes {
+					if got := p.AccessPoints[name].Probe; got == nil || *got != want {
+						t.Errorf("%s probe = %+v, want %+v", name, got, want)
+					}
+				}
+
+				wantLinks := map[string]Link{
+					"wlan0": {Interface: "wlan0", Type: LinkWifi},
+					"wwan0": {Interface: "wwan0", Type: LinkCellular, Cost: 10, Metered: true},
+					"usb0":  {Interface: "usb0", Type: LinkCellular},
+				}
+				for name, want := range wantLinks {
+					if got := p.Interfaces[name]; got == nil || *got != want {
+						t.Errorf("interfaces[%s] = %+v, want %+v", name, got, want)
+					}
+				}
+
+				d := p.Destinations["internet"]
+				if d.Select != SelectLatency || d.Tolerance != 5*time.Millisecond || d.HoldDown != 0 ||
+					d.OnLost != OnLostKeep || d.OnBetter != OnBetterClose || d.RaceDelay != DefaultRaceDelay {
+					t.Errorf("internet = %+v, want latency, tolerance 5ms, hold-down 0, keep on lost, close on better", d)
+				}
+				racing := p.Destinations["racing"]
+				if racing.Select != SelectRace || racing.RaceDelay != 100*time.Millisecond || racing.HoldDown != DefaultHoldDown ||
+					racing.OnLost != OnLostClose || racing.OnBetter != OnBetterKeep || racing.Tolerance != DefaultTolerance {
+					t.Errorf("racing = %+v, want race with 100ms and the other defaults", racing)
+				}
+				implicit := p.Destinations["cell"]
+				if implicit.Select != SelectPriority || implicit.HoldDown != DefaultHoldDown || implicit.RaceDelay != DefaultRaceDelay {
+					t.Errorf("implicit destination cell = %+v, want the default rules", implicit)
+				}
+
+				req := p.Apps["backup"].Require
+				if !slices.Equal(req.Types, []LinkType{LinkWifi, LinkEthernet}) || req.Metered == nil || *req.Metered {
+					t.Errorf("backup requirement = %+v, want types wifi, ethernet and unmetered", req)
+				}
+				if !p.Apps["browser"].Require.IsZero() {
+					t.Errorf("browser requirement = %+v, want none", p.Apps["browser"].Require)
+				}
+			},
+		},
+		{
 			name: "dns servers ports and zones",
 			yaml: `
 listeners:

@@ -25,6 +25,11 @@ type Policy struct {
 	AccessPoints map[string]*AccessPoint
 	Destinations map[string]*Destination
 
+	// Interfaces holds what the policy's interfaces section says about
+	// each interface it lists, by interface name. Link returns the facts
+	// of any interface, with defaults for those not listed.
+	Interfaces map[string]*Link
+
 	// AccessPointOrder lists the access points in file order, so that
 	// routing table and mark numbers are stable across runs.
 	AccessPointOrder []*AccessPoint
@@ -105,6 +110,10 @@ type App struct {
 	// DNSListen is the loopback address (host:port) of the app's DNS
 	// listener, which answers with the app's routes; "" for none.
 	DNSListen string
+
+	// Require narrows the access points that may carry the app's
+	// connections; the zero value accepts every one.
+	Require Requirement
 }
 
 // AccessPoint is one way out: an interface with its own DNS servers.
@@ -125,6 +134,8 @@ type AccessPoint struct {
 	// access point goes through, reached out of its interface; nil for
 	// direct connections.
 	Proxy *GatewayProxy
+
+	Probe *Probe // health probe; nil when the access point has none
 
 	Index int // position in AccessPointOrder
 }
@@ -149,12 +160,192 @@ func pickFamily(addrs []netip.Addr, v6 bool) (netip.Addr, bool) {
 }
 
 // Destination is an ordered group of access points that reach the same
-// network. Implicit destinations are made from an app's access_point.
+// network, with the rules for choosing among them and for the connections
+// open when the choice changes. Implicit destinations are made from an
+// app's access_point and have the default rules.
 type Destination struct {
 	Name         string
 	AccessPoints []*AccessPoint
 	Implicit     bool
+
+	Select    Selection
+	Tolerance time.Duration // SelectLatency: latencies this close to the best count as equal; default 20ms
+	RaceDelay time.Duration // SelectRace: wait before dialling the next access point; default 250ms
+	// HoldDown is how long an access point must stay usable again before
+	// new connections go back to it from one that carried them meanwhile.
+	// Default 5s; zero fails back at once.
+	HoldDown time.Duration
+	OnLost   OnLost
+	OnBetter OnBetter
 }
+
+// Defaults of a destination's rules.
+const (
+	DefaultTolerance = 20 * time.Millisecond
+	DefaultRaceDelay = 250 * time.Millisecond
+	DefaultHoldDown  = 5 * time.Second
+)
+
+// Selection is a destination's rule for ordering its usable access points.
+type Selection uint8
+
+// Selection rules.
+const (
+	// SelectPriority tries the access points in the policy's order.
+	SelectPriority Selection = iota
+	// SelectCost tries the lowest cost first, then the policy's order.
+	SelectCost
+	// SelectLatency tries the lowest probe latency first. Latencies within
+	// the destination's Tolerance of the best count as equal, and among
+	// those the access point in use keeps its place, so that jitter does
+	// not move traffic back and forth.
+	SelectLatency
+	// SelectRoundRobin starts each new connection at the next access point.
+	SelectRoundRobin
+	// SelectRace dials the first access point, starts the next one when
+	// the first has not connected within RaceDelay, and keeps whichever
+	// connects first.
+	SelectRace
+)
+
+var selectionNames = []string{"priority", "cost", "latency", "round-robin", "race"}
+
+func (s Selection) String() string {
+	if int(s) < len(selectionNames) {
+		return selectionNames[s]
+	}
+	return "unknown"
+}
+
+// OnLost says what happens to the open connections of an access point
+// that stops being usable.
+type OnLost uint8
+
+const (
+	// OnLostClose closes them at once, so that applications reconnect
+	// instead of waiting on a way out that is gone. The default.
+	OnLostClose OnLost = iota
+	// OnLostKeep leaves them open; they resume if the link comes back in
+	// time, as TCP allows.
+	OnLostKeep
+)
+
+func (o OnLost) String() string {
+	if o == OnLostKeep {
+		return "keep"
+	}
+	return "close"
+}
+
+// OnBetter says what happens to the open connections on other access
+// points when a destination goes back to a better one.
+type OnBetter uint8
+
+const (
+	// OnBetterKeep leaves them where they are. The default.
+	OnBetterKeep OnBetter = iota
+	// OnBetterClose closes them, so that applications reconnect through
+	// the better access point.
+	OnBetterClose
+)
+
+func (o OnBetter) String() string {
+	if o == OnBetterClose {
+		return "close"
+	}
+	return "keep"
+}
+
+// LinkType is the kind of network an interface leads to.
+type LinkType string
+
+// Link types. The empty type means the policy does not say.
+const (
+	LinkWifi     LinkType = "wifi"
+	LinkEthernet LinkType = "ethernet"
+	LinkCellular LinkType = "cellular"
+	LinkVPN      LinkType = "vpn"
+)
+
+// Link is what the policy says about one interface: the facts that the
+// cost rule and app requirements look at.
+type Link struct {
+	Interface string
+	Type      LinkType // empty when the policy does not say
+	Cost      int      // lower is cheaper; default 0
+	Metered   bool     // default true for cellular, false otherwise
+}
+
+// Link returns the facts about the interface called name: those of the
+// interfaces section, or defaults (no type, cost 0, unmetered).
+func (p *Policy) Link(name string) Link {
+	if l, ok := p.Interfaces[name]; ok {
+		return *l
+	}
+	return Link{Interface: name}
+}
+
+// Requirement narrows the access points that may carry an app's
+// connections, like a phone app that asks for unmetered Wi-Fi. The zero
+// value accepts every access point.
+type Requirement struct {
+	Types   []LinkType // accepted link types; empty accepts any
+	Metered *bool      // nil accepts both; false only unmetered, true only metered
+}
+
+// IsZero reports whether r accepts every access point.
+func (r Requirement) IsZero() bool { return len(r.Types) == 0 && r.Metered == nil }
+
+// ProbeKind is what a health probe sends.
+type ProbeKind uint8
+
+// Probe kinds.
+const (
+	ProbeTCP  ProbeKind = iota + 1 // connect to host:port and close
+	ProbeHTTP                      // GET a URL and expect a status
+	ProbeDNS                       // resolve a name with the access point's resolver
+)
+
+func (k ProbeKind) String() string {
+	switch k {
+	case ProbeTCP:
+		return "tcp"
+	case ProbeHTTP:
+		return "http"
+	case ProbeDNS:
+		return "dns"
+	}
+	return "unknown"
+}
+
+// Probe is an access point's health check. It is always sent out of the
+// access point's own interface, and names in it are resolved by the access
+// point's own resolver.
+type Probe struct {
+	Kind   ProbeKind
+	Target string // host:port for tcp, an http or https URL for http, a name for dns
+	Status int    // ProbeHTTP: the expected status; default 200
+
+	Interval  time.Duration // between probes; default 10s
+	Timeout   time.Duration // for one probe; default 2s
+	Failures  int           // consecutive failures that make the access point unusable; default 3
+	Successes int           // consecutive successes that make it usable again; default 2
+	// DialFailures is how many consecutive failed dials of real
+	// connections make the access point unusable before the next probe
+	// says so. Default 3; zero turns it off.
+	DialFailures int
+}
+
+// Probe defaults.
+const (
+	DefaultProbeInterval     = 10 * time.Second
+	DefaultProbeTimeout      = 2 * time.Second
+	DefaultProbeFailures     = 3
+	DefaultProbeSuccesses    = 2
+	DefaultProbeDialFailures = 3
+	DefaultProbeStatus       = 200
+	MinProbeInterval         = 100 * time.Millisecond
+)
 
 // Errors that callers branch on.
 var (

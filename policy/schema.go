@@ -30,6 +30,11 @@ type rawPolicy struct {
 	// Destinations (key destinations, optional) map a destination name to
 	// its ordered access points. Names as for apps.
 	Destinations []*rawDestination
+	// Interfaces (key interfaces, optional) map an interface name to what
+	// the kernel does not tell about it: its type, cost and whether it is
+	// metered. Interfaces not listed have no type, cost 0 and are not
+	// metered.
+	Interfaces []*rawInterface
 	// Routing (key routing, optional) sets the numbers of iapd's own
 	// routing tables, firewall marks and rules; all have defaults.
 	Routing rawRouting
@@ -42,7 +47,7 @@ type rawPolicy struct {
 	pos          position
 }
 
-var policyKeys = []string{"listeners", "apps", "access_points", "destinations", "routing", "control"}
+var policyKeys = []string{"listeners", "apps", "access_points", "destinations", "interfaces", "routing", "control"}
 
 func (p *rawPolicy) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -88,6 +93,12 @@ func (p *rawPolicy) UnmarshalYAML(n *yaml.Node) error {
 				errs.merge(key+"."+e.Name, d.UnmarshalYAML(e.Value))
 				p.Destinations = append(p.Destinations, d)
 			}
+		case "interfaces":
+			for _, e := range decodeInterfaceMap(&errs, key, v) {
+				ri := &rawInterface{Name: e.Name, NamePos: e.Pos}
+				errs.merge(key+"."+e.Name, ri.UnmarshalYAML(e.Value))
+				p.Interfaces = append(p.Interfaces, ri)
+			}
 		case "routing":
 			errs.merge(key, p.Routing.UnmarshalYAML(v))
 		case "control":
@@ -116,6 +127,43 @@ func decodeNamedMap(errs *ErrorList, key string, n *yaml.Node, entries string) [
 		return nil
 	}
 	return eachNamed(&local, n)
+}
+
+// decodeInterfaceMap checks that n is a map keyed by interface names and
+// returns its entries. Errors carry key as their path prefix.
+func decodeInterfaceMap(errs *ErrorList, key string, n *yaml.Node) []namedEntry {
+	var local ErrorList
+	defer func() { errs.merge(key, local.err()) }()
+	if !expectKind(&local, "", n, yaml.MappingNode, "a map of interfaces by name") {
+		return nil
+	}
+
+	seen := make(map[string]int, len(n.Content)/2)
+	var entries []namedEntry
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := resolve(n.Content[i]), resolve(n.Content[i+1])
+		if k.Kind != yaml.ScalarNode || k.Tag == "!!merge" {
+			local.add(posOf(k), "", "keys must be interface names, found %s", describe(k))
+			continue
+		}
+		name := k.Value
+		if line, dup := seen[name]; dup {
+			local.add(posOf(k), name, "duplicate interface (first at line %d)", line)
+			continue
+		}
+		seen[name] = k.Line
+		switch msg := checkInterfaceName(name); {
+		case msg != "":
+			local.add(posOf(k), name, "invalid interface name %q: %s", name, msg)
+		case name == DefaultInterface:
+			local.add(posOf(k), name, "\"default\" is not an interface; list the interfaces that hold the default route")
+		}
+		if isNull(v) {
+			v = &yaml.Node{Kind: yaml.MappingNode, Line: k.Line, Column: k.Column}
+		}
+		entries = append(entries, namedEntry{Name: name, Pos: posOf(k), Value: v})
+	}
+	return entries
 }
 
 // rawListener is one entry of listeners.
@@ -315,6 +363,11 @@ type rawApp struct {
 	// access points its routes choose. For programs that resolve names
 	// before they connect. Default none.
 	DNSListen text
+	// Require (key require, optional) narrows the access points that may
+	// carry the app's connections by the facts of the interfaces section:
+	// types and metered. When no usable access point meets it, the app's
+	// connections are refused. Default: every access point.
+	Require rawRequirement
 
 	allowAll        bool     // allow_override: true
 	allowPos        position // of the allow_override value; zero when absent
@@ -323,7 +376,7 @@ type rawApp struct {
 	pos             position
 }
 
-var appKeys = []string{"access_point", "destination", "routes", "allow_override", "dns_listen"}
+var appKeys = []string{"access_point", "destination", "routes", "allow_override", "dns_listen", "require"}
 
 func (a *rawApp) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -363,6 +416,8 @@ func (a *rawApp) UnmarshalYAML(n *yaml.Node) error {
 			if a.DNSListen.IsSet() {
 				a.dnsListenAddr, a.dnsListenParsed = parseDNSListen(&errs, key, a.DNSListen)
 			}
+		case "require":
+			errs.merge(key, a.Require.UnmarshalYAML(v))
 		}
 	})
 
@@ -422,6 +477,10 @@ type rawAccessPoint struct {
 	// proxy unresolved; it is needed when the proxy's host is a name.
 	// See rawProxy.
 	Proxy *rawProxy
+	// Probe (key probe, optional) checks that the access point reaches its
+	// network; while it fails, the access point is unusable. Default: no
+	// probe, so link state alone decides.
+	Probe *rawProbe
 
 	dnsSystem   position // of dns: system; zero otherwise
 	dnsAuto     position // of dns: auto; zero otherwise
@@ -454,7 +513,7 @@ type address struct {
 	Pos   position
 }
 
-var accessPointKeys = []string{"interface", "dns", "search", "dns_timeouts", "gateway", "source", "proxy"}
+var accessPointKeys = []string{"interface", "dns", "search", "dns_timeouts", "gateway", "source", "proxy", "probe"}
 
 func (ap *rawAccessPoint) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -539,6 +598,9 @@ func (ap *rawAccessPoint) UnmarshalYAML(n *yaml.Node) error {
 		case "proxy":
 			ap.Proxy = &rawProxy{}
 			errs.merge(key, ap.Proxy.UnmarshalYAML(v))
+		case "probe":
+			ap.Probe = &rawProbe{}
+			errs.merge(key, ap.Probe.UnmarshalYAML(v))
 		}
 	})
 
@@ -560,12 +622,46 @@ type rawDestination struct {
 	// that reach this destination's network, in order of preference:
 	// non-empty, each defined under access_points and listed once.
 	AccessPoints []text
+	// Select (key select, optional) orders the usable access points:
+	// priority (the order of access_points), cost (lowest interface cost
+	// first), latency (lowest probe latency first), round-robin (each new
+	// connection starts at the next one) or race (dial the first, start
+	// the next after race_delay, keep the first that connects). Default
+	// priority.
+	Select text
+	// Tolerance (key tolerance, optional) is how close to the lowest
+	// latency another access point's latency must be to count as equal,
+	// so that jitter does not move traffic. Only with select: latency.
+	// Default 20ms.
+	Tolerance duration
+	// RaceDelay (key race_delay, optional) is how long a dial waits for
+	// one access point before it starts the next. Only with select: race.
+	// Default 250ms.
+	RaceDelay duration
+	// HoldDown (key hold_down, optional) is how long a preferred access
+	// point must stay usable again before new connections go back to it,
+	// so that a flapping link does not bounce traffic. 0 goes back at
+	// once. Default 5s.
+	HoldDown duration
+	// OnLost (key on_lost, optional) is what happens to the connections
+	// open on an access point that stops being usable: close (reset them
+	// at once, so that applications reconnect) or keep. Default close.
+	OnLost text
+	// OnBetter (key on_better, optional) is what happens to the
+	// connections open on other access points when the destination goes
+	// back to a better one: keep, or close (so that applications
+	// reconnect through the better one). Not with select: round-robin,
+	// which has no better access point. Default keep.
+	OnBetter text
 
+	selection       Selection
+	onLost          OnLost
+	onBetter        OnBetter
 	accessPointsPos position // of the access_points value; zero when absent
 	pos             position
 }
 
-var destinationKeys = []string{"access_points"}
+var destinationKeys = []string{"access_points", "select", "tolerance", "race_delay", "hold_down", "on_lost", "on_better"}
 
 func (d *rawDestination) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -574,18 +670,86 @@ func (d *rawDestination) UnmarshalYAML(n *yaml.Node) error {
 		return errs.err()
 	}
 
+	d.Tolerance.Value = DefaultTolerance
+	d.RaceDelay.Value = DefaultRaceDelay
+	d.HoldDown.Value = DefaultHoldDown
 	eachField(&errs, n, destinationKeys, func(key string, v *yaml.Node) {
-		d.accessPointsPos = posOf(v)
-		d.AccessPoints = decodeTextList(&errs, key, v, "access point names")
-		if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
-			errs.add(posOf(v), key, "empty list, a destination needs at least one access point")
+		switch key {
+		case "access_points":
+			d.accessPointsPos = posOf(v)
+			d.AccessPoints = decodeTextList(&errs, key, v, "access point names")
+			if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
+				errs.add(posOf(v), key, "empty list, a destination needs at least one access point")
+			}
+		case "select":
+			d.Select = decodeText(&errs, key, v)
+			if d.Select.IsSet() {
+				d.selection = parseSelection(&errs, key, d.Select)
+			}
+		case "tolerance", "race_delay", "hold_down":
+			value, t, ok := decodeDuration(&errs, key, v)
+			if !ok {
+				return
+			}
+			dur := duration{Value: value, Pos: t.Pos}
+			switch key {
+			case "tolerance":
+				d.Tolerance = dur
+			case "race_delay":
+				if value == 0 {
+					errs.add(t.Pos, key, "race_delay must be above zero; use select: priority to dial one access point at a time")
+					return
+				}
+				d.RaceDelay = dur
+			default:
+				d.HoldDown = dur
+			}
+		case "on_lost":
+			d.OnLost = decodeText(&errs, key, v)
+			switch d.OnLost.Value {
+			case "", "close":
+			case "keep":
+				d.onLost = OnLostKeep
+			default:
+				errs.add(d.OnLost.Pos, key, "invalid value %q: must be close or keep", d.OnLost.Value)
+			}
+		case "on_better":
+			d.OnBetter = decodeText(&errs, key, v)
+			switch d.OnBetter.Value {
+			case "", "keep":
+			case "close":
+				d.onBetter = OnBetterClose
+			default:
+				errs.add(d.OnBetter.Pos, key, "invalid value %q: must be keep or close", d.OnBetter.Value)
+			}
 		}
 	})
+	switch {
+	case d.Tolerance.Pos.IsSet() && d.selection != SelectLatency:
+		errs.add(d.Tolerance.Pos, "tolerance", "only with select: latency")
+	case d.RaceDelay.Pos.IsSet() && d.selection != SelectRace:
+		errs.add(d.RaceDelay.Pos, "race_delay", "only with select: race")
+	}
+	if d.onBetter == OnBetterClose && d.selection == SelectRoundRobin {
+		errs.add(d.OnBetter.Pos, "on_better", "not with select: round-robin, which spreads connections and has no better access point")
+	}
 
 	if !d.accessPointsPos.IsSet() {
 		errs.add(d.pos, "", "missing access_points (a destination needs at least one)")
 	}
 	return errs.err()
+}
+
+// parseSelection parses a select value, adding an error at t for an
+// unknown rule.
+func parseSelection(errs *ErrorList, path string, t text) Selection {
+	for i, name := range selectionNames {
+		if t.Value == name {
+			return Selection(i)
+		}
+	}
+	errs.add(t.Pos, path, "invalid rule %q: must be priority, cost, latency, round-robin or race", t.Value)
+	return SelectPriority
 }
 
 // Routing defaults. The numbers are arbitrary but fixed, so that tables and
