@@ -16,6 +16,9 @@ type Dialer struct {
 	ap      *policy.AccessPoint
 	mark    uint32 // SO_MARK selecting the access point's routing table; 0 for interface: default
 	monitor *Monitor
+	// routesReady reports whether the access point's table is installed;
+	// nil means always.
+	routesReady func() bool
 }
 
 // AccessPoint returns the access point d dials through.
@@ -35,6 +38,14 @@ func (d *Dialer) AccessPoint() *policy.AccessPoint {
 // found under its new index. The socket gets a source address of the
 // target's family from the policy or the interface, and the access point's
 // firewall mark. Loopback targets are dialed unbound.
+//
+// A dial fails at once with an error wrapping ErrNoRoute while the access
+// point's routing table is not installed, and for a target that the table
+// has no route to: outside the interface's networks with no gateway of its
+// family. The kernel would otherwise take such an IPv4 target for on-link,
+// because for a socket bound to a device any failed route lookup means
+// on-link (ip_route_output_key_hash_rcu in net/ipv4/route.c), and wait for
+// neighbour resolution that never answers.
 func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	if d == nil {
 		return nil, fmt.Errorf("dialing %s %s: %w", network, address, ErrUnknownAccessPoint)
@@ -62,7 +73,31 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 	if err != nil {
 		return nil, fmt.Errorf("dialing %s %s via access point %q: %w", network, address, d.ap.Name, err)
 	}
+	if err := d.checkRoute(ifc, target.Addr()); err != nil {
+		return nil, fmt.Errorf("dialing %s %s via access point %q: %w", network, address, d.ap.Name, err)
+	}
 	return d.dialBound(ctx, network, address, ifc, src)
+}
+
+// checkRoute returns an error wrapping ErrNoRoute when the access point's
+// table is not installed or has no route to target.
+func (d *Dialer) checkRoute(ifc *Interface, target netip.Addr) error {
+	if d.routesReady != nil && !d.routesReady() {
+		return fmt.Errorf("routing table of interface %s not installed yet: %w", ifc.Name, ErrNoRoute)
+	}
+	target = target.Unmap()
+	if target.IsLinkLocalUnicast() {
+		return nil
+	}
+	if _, ok := defaultGateway(d.ap, ifc, target.Is6()); ok {
+		return nil
+	}
+	for _, p := range ifc.OnLink {
+		if p.Contains(target) {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s is outside the networks of interface %s, which has no %s gateway: %w", target, ifc.Name, familyName(target.Is6()), ErrNoRoute)
 }
 
 // boundInterface returns the access point's interface from the current

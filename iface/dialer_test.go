@@ -23,7 +23,7 @@ func TestDialerErrors(t *testing.T) {
 		&policy.AccessPoint{Name: "wwan", Interface: "wwan0"},
 		&policy.AccessPoint{Name: "wired", Interface: "eth0"},
 	)
-	dialers := newDialers(p, assignSlots(p, nil), m)
+	dialers := newDialers(p, assignSlots(p, nil), m, nil)
 	dialer := func(name string) *Dialer { return dialers[p.AccessPoints[name]] }
 
 	tests := []struct {
@@ -93,7 +93,7 @@ func TestDialerLoopbackUnbound(t *testing.T) {
 		&policy.AccessPoint{Name: "fallback", Interface: policy.DefaultInterface},
 		&policy.AccessPoint{Name: "cell", Interface: "cell"},
 	)
-	dialers := newDialers(p, assignSlots(p, nil), m)
+	dialers := newDialers(p, assignSlots(p, nil), m, nil)
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

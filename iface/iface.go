@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"syscall"
 
 	"iapd/policy"
 )
@@ -33,6 +34,9 @@ var (
 	// ErrUnknownAccessPoint means a dial went through a nil Dialer, which
 	// Manager.Dialer returns for an access point not in its policy.
 	ErrUnknownAccessPoint = errors.New("iface: unknown access point")
+	// ErrNoRoute means the access point's routing table is not installed
+	// yet, or has no route to the target. It wraps syscall.ENETUNREACH.
+	ErrNoRoute = fmt.Errorf("iface: no route: %w", syscall.ENETUNREACH)
 )
 
 // Interface is the state of one network interface at the time of a
@@ -193,8 +197,10 @@ func (s *Snapshot) Default(v6 bool) (*Interface, netip.Addr, bool) {
 }
 
 // Usable reports whether ap can carry a connection in this snapshot and,
-// when it cannot, why, as a short phrase naming the interface. It
-// implements policy.Usability.
+// when it cannot, why, as a short phrase naming the interface. A bound
+// access point needs its interface up with carrier, and an address with a
+// way out (a gateway, a point-to-point link, or an attached network) in at
+// least one family. It implements policy.Usability.
 func (s *Snapshot) Usable(ap *policy.AccessPoint) (bool, string) {
 	if ap.IsDefault() {
 		for _, v6 := range []bool{false, true} {
@@ -216,7 +222,47 @@ func (s *Snapshot) Usable(ap *policy.AccessPoint) (bool, string) {
 	case len(ifc.Preferred) == 0 && len(ap.Sources) == 0:
 		return false, fmt.Sprintf("interface %s has no address", ap.Interface)
 	}
+	if v4, v6 := s.Families(ap); !v4 && !v6 {
+		return false, fmt.Sprintf("interface %s has no route", ap.Interface)
+	}
 	return true, ""
+}
+
+// Families reports for each address family whether ap can carry a
+// connection of it in this snapshot. For interface: default that is a
+// main-table default route of the family. For a bound access point it is
+// an address of the family (from the interface or the policy) and a way
+// out: a gateway from the policy or the main table, a point-to-point or
+// NOARP link, or at least a network attached to the link. It does not
+// look at whether the link is up.
+func (s *Snapshot) Families(ap *policy.AccessPoint) (v4, v6 bool) {
+	if ap.IsDefault() {
+		_, _, v4 = s.Default(false)
+		_, _, v6 = s.Default(true)
+		return v4, v6
+	}
+	ifc, ok := s.Interface(ap.Interface)
+	if !ok {
+		return false, false
+	}
+	return canCarry(ap, ifc, false), canCarry(ap, ifc, true)
+}
+
+// canCarry reports whether ifc has an address and a way out of the family
+// of v6 for ap.
+func canCarry(ap *policy.AccessPoint, ifc *Interface, v6 bool) bool {
+	if !hasFamily(ap, ifc, v6) {
+		return false
+	}
+	if _, ok := defaultGateway(ap, ifc, v6); ok {
+		return true
+	}
+	for _, p := range ifc.OnLink {
+		if p.Addr().Is6() == v6 && !(v6 && p.Addr().IsLinkLocalUnicast()) {
+			return true
+		}
+	}
+	return false
 }
 
 // equal reports whether s and o describe the same state.

@@ -132,11 +132,12 @@ func testPolicy(aps ...*policy.AccessPoint) *policy.Policy {
 func TestSnapshotUsable(t *testing.T) {
 	s := newSnapshot([]Interface{
 		{Index: 1, Name: "lo", Up: true, Carrier: true, Loopback: true, Addrs: mustPrefixes("127.0.0.1/8")},
-		{Index: 2, Name: "wlan0", Up: true, Carrier: true, Addrs: mustPrefixes("192.0.2.2/24"), Preferred: mustAddrs("192.0.2.2")},
+		{Index: 2, Name: "wlan0", Up: true, Carrier: true, Addrs: mustPrefixes("192.0.2.2/24"), Preferred: mustAddrs("192.0.2.2"), OnLink: mustPrefixes("192.0.2.0/24")},
 		{Index: 3, Name: "cell", Up: false, Carrier: false},
 		{Index: 4, Name: "eth0", Up: true, Carrier: false, Addrs: mustPrefixes("198.51.100.2/24"), Preferred: mustAddrs("198.51.100.2")},
 		{Index: 5, Name: "wg0", Up: true, Carrier: true, PointToPoint: true, Addrs: mustPrefixes("fe80::1/64")},
-		{Index: 6, Name: "v6only", Up: true, Carrier: true, Addrs: mustPrefixes("2001:db8::2/64"), Preferred: mustAddrs("2001:db8::2")},
+		{Index: 6, Name: "v6only", Up: true, Carrier: true, Addrs: mustPrefixes("2001:db8::2/64"), Preferred: mustAddrs("2001:db8::2"), OnLink: mustPrefixes("2001:db8::/64", "fe80::/64")},
+		{Index: 7, Name: "lonely", Up: true, Carrier: true, Addrs: mustPrefixes("203.0.113.7/32", "fe80::7/64"), Preferred: mustAddrs("203.0.113.7"), OnLink: mustPrefixes("fe80::/64")},
 	}, []defaultRoute{{IfIndex: 2, Gateway: netip.MustParseAddr("192.0.2.1"), Metric: 600}})
 	noDefault := newSnapshot([]Interface{{Index: 2, Name: "wlan0", Up: true, Carrier: true}}, nil)
 	v6Default := newSnapshot([]Interface{{Index: 6, Name: "v6only", Up: true, Carrier: true}},
@@ -160,6 +161,8 @@ func TestSnapshotUsable(t *testing.T) {
 		{name: "only link-local address", snapshot: s, ap: &policy.AccessPoint{Interface: "wg0"}, wantReason: "interface wg0 has no address"},
 		{name: "configured source without address", snapshot: s, ap: &policy.AccessPoint{Interface: "wg0", Sources: mustAddrs("10.0.0.2")}, wantOK: true},
 		{name: "IPv6 address only", snapshot: s, ap: &policy.AccessPoint{Interface: "v6only"}, wantOK: true},
+		{name: "address without route", snapshot: s, ap: &policy.AccessPoint{Interface: "lonely"}, wantReason: "interface lonely has no route"},
+		{name: "address with gateway from policy", snapshot: s, ap: &policy.AccessPoint{Interface: "lonely", Gateways: mustAddrs("203.0.113.1")}, wantOK: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -169,6 +172,42 @@ func TestSnapshotUsable(t *testing.T) {
 			}
 			if reason != tt.wantReason {
 				t.Errorf("reason = %q, want %q", reason, tt.wantReason)
+			}
+		})
+	}
+}
+
+func TestSnapshotFamilies(t *testing.T) {
+	s := newSnapshot([]Interface{
+		{Index: 2, Name: "wlan0", Up: true, Carrier: true, Addrs: mustPrefixes("192.0.2.2/24", "2001:db8::2/64"), Preferred: mustAddrs("192.0.2.2", "2001:db8::2"), OnLink: mustPrefixes("192.0.2.0/24", "2001:db8::/64")},
+		{Index: 3, Name: "cell", Up: true, Carrier: true, Addrs: mustPrefixes("198.51.100.2/32"), Preferred: mustAddrs("198.51.100.2")},
+		{Index: 4, Name: "tun0", Up: true, Carrier: true, PointToPoint: true, Addrs: mustPrefixes("10.8.0.2/32"), Preferred: mustAddrs("10.8.0.2")},
+		{Index: 5, Name: "down0", Up: false, Addrs: mustPrefixes("203.0.113.2/24"), Preferred: mustAddrs("203.0.113.2"), OnLink: mustPrefixes("203.0.113.0/24")},
+	}, []defaultRoute{{IfIndex: 3, Gateway: netip.MustParseAddr("198.51.100.1"), Metric: 600}})
+	v6Default := newSnapshot([]Interface{{Index: 6, Name: "v6only", Up: true, Carrier: true}},
+		[]defaultRoute{{IfIndex: 6, Gateway: netip.MustParseAddr("fe80::1"), V6: true}})
+
+	tests := []struct {
+		name     string
+		snapshot *Snapshot
+		ap       *policy.AccessPoint
+		v4, v6   bool
+	}{
+		{name: "both families on attached networks", snapshot: s, ap: &policy.AccessPoint{Interface: "wlan0"}, v4: true, v6: true},
+		{name: "IPv4 by main-table gateway", snapshot: s, ap: &policy.AccessPoint{Interface: "cell"}, v4: true},
+		{name: "policy gateway without address of its family", snapshot: s, ap: &policy.AccessPoint{Interface: "cell", Gateways: mustAddrs("2001:db8::1")}, v4: true},
+		{name: "policy source and gateway", snapshot: s, ap: &policy.AccessPoint{Interface: "cell", Sources: mustAddrs("2001:db8::9"), Gateways: mustAddrs("2001:db8::1")}, v4: true, v6: true},
+		{name: "point-to-point", snapshot: s, ap: &policy.AccessPoint{Interface: "tun0"}, v4: true},
+		{name: "link state is not looked at", snapshot: s, ap: &policy.AccessPoint{Interface: "down0"}, v4: true},
+		{name: "missing interface", snapshot: s, ap: &policy.AccessPoint{Interface: "wwan0"}},
+		{name: "default IPv4", snapshot: s, ap: &policy.AccessPoint{Interface: "default"}, v4: true},
+		{name: "default IPv6", snapshot: v6Default, ap: &policy.AccessPoint{Interface: "default"}, v6: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v4, v6 := tt.snapshot.Families(tt.ap)
+			if v4 != tt.v4 || v6 != tt.v6 {
+				t.Errorf("Families = %v, %v, want %v, %v", v4, v6, tt.v4, tt.v6)
 			}
 		})
 	}

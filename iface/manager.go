@@ -56,14 +56,23 @@ type routeKeeper interface {
 	// removeAll deletes every rule and route iapd installed; reconcile does
 	// nothing afterwards.
 	removeAll() error
+	// isReady reports whether ap's rules and routes were all in place
+	// after the last reconcile.
+	isReady(ap *policy.AccessPoint) bool
 }
 
-func newDialers(p *policy.Policy, slots map[string]int, monitor *Monitor) map[*policy.AccessPoint]*Dialer {
+// newDialers makes the dialers of p's access points, which slots gives
+// their mark offsets. routesReady, when not nil, reports whether an access
+// point's table is installed.
+func newDialers(p *policy.Policy, slots map[string]int, monitor *Monitor, routesReady func(*policy.AccessPoint) bool) map[*policy.AccessPoint]*Dialer {
 	dialers := make(map[*policy.AccessPoint]*Dialer, len(p.AccessPointOrder))
 	for _, ap := range p.AccessPointOrder {
 		d := &Dialer{ap: ap, monitor: monitor}
 		if !ap.IsDefault() {
 			d.mark = p.Routing.Mark + uint32(slots[ap.Name])
+			if routesReady != nil {
+				d.routesReady = func() bool { return routesReady(ap) }
+			}
 		}
 		dialers[ap] = d
 	}
@@ -111,6 +120,20 @@ func (m *Manager) Snapshot() *Snapshot { return m.monitor.Snapshot() }
 // Monitor returns the monitor the manager follows, so that other parts can
 // register for changes.
 func (m *Manager) Monitor() *Monitor { return m.monitor }
+
+// RoutesReady reports whether ap's routing table and rules are in place,
+// so that its sockets leave through its interface. It is always true for
+// interface: default, which has none, and false for an access point of a
+// policy before the last Update.
+func (m *Manager) RoutesReady(ap *policy.AccessPoint) bool {
+	if ap.IsDefault() {
+		return true
+	}
+	m.mu.Lock()
+	routes := m.routes
+	m.mu.Unlock()
+	return routes != nil && routes.isReady(ap)
+}
 
 // Dialer returns the dialer of ap, the same one on every call. ap is an
 // access point of the manager's policy, or of the policy before the last

@@ -62,7 +62,7 @@ func NewManager(cfg ManagerConfig) (*Manager, error) {
 		}
 		m.monitor, m.ownMonitor = mon, true
 	}
-	m.dialers.Store(&dialerSet{cur: newDialers(p, slots, m.monitor)})
+	m.dialers.Store(&dialerSet{cur: newDialers(p, slots, m.monitor, m.RoutesReady)})
 	if len(bound) == 0 {
 		return m, nil
 	}
@@ -121,7 +121,7 @@ func (m *Manager) Update(p *policy.Policy) error {
 		m.unregisterHook = m.monitor.registerReadHook(k.reconcile)
 	}
 	m.slots = slots
-	m.dialers.Store(&dialerSet{cur: newDialers(p, slots, m.monitor), prev: m.dialers.Load().cur})
+	m.dialers.Store(&dialerSet{cur: newDialers(p, slots, m.monitor, m.RoutesReady), prev: m.dialers.Load().cur})
 	if m.routes != nil {
 		m.routes.update(bound, slots, m.monitor.Snapshot())
 	}
@@ -198,13 +198,26 @@ func checkCapabilities(p *policy.Policy, bound []*policy.AccessPoint, slots map[
 	return nil
 }
 
-// ruleKey identifies one of iapd's rules: fwmark mark/0xffffffff lookup
-// table, at iapd's priority.
+// ruleKey identifies one of iapd's rules: "fwmark mark/0xffffffff lookup
+// table" at iapd's priority, or "fwmark mark/0xffffffff unreachable" (table
+// 0) right after it.
+//
+// The unreachable rule keeps a marked socket from falling through to the
+// main table while the access point's table is empty: after its link went
+// down, and between the link coming back and iapd restoring the routes.
+// The main table could send it out of another interface. With the rule the
+// lookup fails with ENETUNREACH (ip-rule(8), action unreachable). For IPv4
+// that is not all: a socket bound to a device takes any failed lookup for
+// "target on-link", which is why Dialer also refuses to dial while the
+// table is not installed.
 type ruleKey struct {
 	v6    bool
 	mark  uint32
-	table int
+	table int // 0 for the unreachable rule
 }
+
+// unreachable reports whether r is the unreachable rule of its mark.
+func (r ruleKey) unreachable() bool { return r.table == 0 }
 
 // tableKeeper owns iapd's routing tables and rules. It implements
 // routeKeeper.
@@ -223,6 +236,9 @@ type tableKeeper struct {
 	closed    bool
 	warned    map[string]bool // warnings logged once, cleared when their condition ends
 	rpChecked map[string]int  // interface name to the index whose rp_filter was checked
+	// ready holds the bound access points whose table held every route it
+	// should after the last reconcile, with their rules in place.
+	ready map[*policy.AccessPoint]bool
 }
 
 func newTableKeeper(p *policy.Policy, bound []*policy.AccessPoint, slots map[string]int, logger *slog.Logger) (*tableKeeper, error) {
@@ -238,6 +254,7 @@ func newTableKeeper(p *policy.Policy, bound []*policy.AccessPoint, slots map[str
 		handle:    h,
 		warned:    make(map[string]bool),
 		rpChecked: make(map[string]int),
+		ready:     make(map[*policy.AccessPoint]bool),
 	}
 	k.setBoundLocked(bound, slots)
 	return k, nil
@@ -279,7 +296,7 @@ func (k *tableKeeper) update(bound []*policy.AccessPoint, slots map[string]int, 
 			unused[t] = true
 		}
 	}
-	k.reconcileRulesLocked()
+	rulesOK := k.reconcileRulesLocked()
 	if len(unused) > 0 {
 		routes, err := k.listRoutesLocked(unused)
 		if err != nil {
@@ -292,19 +309,35 @@ func (k *tableKeeper) update(bound []*policy.AccessPoint, slots map[string]int, 
 		}
 		k.logger.Info("removed routing tables of removed access points", "tables", len(unused), "routes", len(routes))
 	}
-	k.reconcileRoutesLocked(s)
+	k.setReadyLocked(rulesOK, k.reconcileRoutesLocked(s))
 	k.checkReversePathFilterLocked(s)
 }
 
-// isOwnRule reports whether r looks like a rule iapd installs: at iapd's
-// priority, with a mark and table in iapd's ranges.
+// isOwnRule reports whether r looks like a rule iapd installs: a mark in
+// iapd's range, and either a table in iapd's range at iapd's priority or no
+// table (the unreachable rule) at the priority after it.
 //
 // NOTE: this assumes one iapd per network namespace. A second instance with
 // the same routing numbers deletes the first one's rules and tables at start.
 func (k *tableKeeper) isOwnRule(r netlink.Rule) bool {
-	return r.Priority == k.priority &&
-		r.Mark >= k.markBase && r.Mark < k.markBase+uint32(k.span) &&
-		r.Table >= k.tableBase && r.Table < k.tableBase+k.span
+	if r.Mark < k.markBase || r.Mark >= k.markBase+uint32(k.span) {
+		return false
+	}
+	switch r.Priority {
+	case k.priority:
+		return r.Table >= k.tableBase && r.Table < k.tableBase+k.span
+	case k.priority + 1:
+		return r.Table == 0
+	}
+	return false
+}
+
+// isReady reports whether ap's rules and routes were all in place after
+// the last reconcile.
+func (k *tableKeeper) isReady(ap *policy.AccessPoint) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.ready[ap]
 }
 
 // removeLeftovers deletes the rules and routes of an earlier run that
@@ -353,7 +386,9 @@ func (k *tableKeeper) flushLocked() (rules, routes int, err error) {
 	}
 	var errs []error
 	for _, r := range installed {
-		tables[r.Table] = true
+		if r.Table != 0 {
+			tables[r.Table] = true
+		}
 		if err := k.handle.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("deleting rule %s: %w", formatRule(r), err))
 			continue
@@ -378,15 +413,17 @@ func (k *tableKeeper) flushLocked() (rules, routes int, err error) {
 // listRulesLocked returns the installed rules that isOwnRule accepts.
 func (k *tableKeeper) listRulesLocked() ([]netlink.Rule, error) {
 	var own []netlink.Rule
-	filter := &netlink.Rule{Priority: k.priority}
-	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		rules, err := k.handle.RuleListFiltered(family, filter, netlink.RT_FILTER_PRIORITY)
-		if err != nil {
-			return nil, fmt.Errorf("listing rules: %w", err)
-		}
-		for _, r := range rules {
-			if k.isOwnRule(r) {
-				own = append(own, r)
+	for _, priority := range []int{k.priority, k.priority + 1} {
+		filter := &netlink.Rule{Priority: priority}
+		for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+			rules, err := k.handle.RuleListFiltered(family, filter, netlink.RT_FILTER_PRIORITY)
+			if err != nil {
+				return nil, fmt.Errorf("listing rules: %w", err)
+			}
+			for _, r := range rules {
+				if k.isOwnRule(r) {
+					own = append(own, r)
+				}
 			}
 		}
 	}
@@ -423,22 +460,34 @@ func (k *tableKeeper) reconcile(s *Snapshot) {
 	if k.closed {
 		return
 	}
-	k.reconcileRulesLocked()
-	k.reconcileRoutesLocked(s)
+	rulesOK := k.reconcileRulesLocked()
+	k.setReadyLocked(rulesOK, k.reconcileRoutesLocked(s))
 	k.checkReversePathFilterLocked(s)
 }
 
-func (k *tableKeeper) reconcileRulesLocked() {
+// setReadyLocked records which bound access points have their rules and
+// routes in place: with rulesOK, those that complete holds.
+func (k *tableKeeper) setReadyLocked(rulesOK bool, complete map[*policy.AccessPoint]bool) {
+	k.ready = make(map[*policy.AccessPoint]bool, len(k.bound))
+	for _, ap := range k.bound {
+		k.ready[ap] = rulesOK && complete[ap]
+	}
+}
+
+// reconcileRulesLocked installs the missing rules and deletes stale ones.
+// It reports whether every rule is in place.
+func (k *tableKeeper) reconcileRulesLocked() bool {
 	installed, err := k.listRulesLocked()
 	if err != nil {
 		k.logger.Error("reconciling rules failed", logkey.Err, err)
-		return
+		return false
 	}
 
-	want := make(map[ruleKey]bool, 2*len(k.bound))
+	want := make(map[ruleKey]bool, 4*len(k.bound))
 	for _, ap := range k.bound {
 		for _, v6 := range []bool{false, true} {
 			want[ruleKey{v6: v6, mark: k.mark(ap), table: k.table(ap)}] = true
+			want[ruleKey{v6: v6, mark: k.mark(ap)}] = true
 		}
 	}
 	for _, r := range installed {
@@ -454,6 +503,7 @@ func (k *tableKeeper) reconcileRulesLocked() {
 		}
 	}
 
+	complete := true
 	for key := range want {
 		r := netlink.NewRule()
 		r.Family = netlink.FAMILY_V4
@@ -465,27 +515,42 @@ func (k *tableKeeper) reconcileRulesLocked() {
 		mask := uint32(0xffffffff)
 		r.Mask = &mask
 		r.Table = key.table
+		if key.unreachable() {
+			r.Priority = k.priority + 1
+			r.Type = unix.RTN_UNREACHABLE
+		}
 		if err := k.handle.RuleAdd(r); err != nil && !errors.Is(err, unix.EEXIST) {
 			k.logger.Error("adding rule failed", "rule", formatRule(*r), logkey.Err, err)
+			complete = false
 			continue
 		}
 		k.logger.Debug("added rule", "rule", formatRule(*r))
 	}
+	return complete
 }
 
-func (k *tableKeeper) reconcileRoutesLocked(s *Snapshot) {
+// reconcileRoutesLocked installs the missing routes of the bound access
+// points' tables and deletes stale ones. It returns the access points
+// whose interface is up and whose table holds every route it should.
+func (k *tableKeeper) reconcileRoutesLocked(s *Snapshot) map[*policy.AccessPoint]bool {
 	var want []tableRoute
+	owner := make(map[tableRoute]*policy.AccessPoint)
+	complete := make(map[*policy.AccessPoint]bool, len(k.bound))
 	for _, ap := range k.bound {
 		ifc, _ := s.Interface(ap.Interface)
 		routes, noGateway := desiredRoutes(ap, k.table(ap), ifc)
 		want = append(want, routes...)
+		for _, r := range routes {
+			owner[r] = ap
+		}
+		complete[ap] = len(routes) > 0
 		k.warnNoGatewayLocked(ap, noGateway)
 	}
 
 	present, err := k.listRoutesLocked(k.tables)
 	if err != nil {
 		k.logger.Error("reconciling routing tables failed", logkey.Err, err)
-		return
+		return nil
 	}
 	desired := make(map[tableRoute]bool, len(want))
 	for _, r := range want {
@@ -518,6 +583,7 @@ func (k *tableKeeper) reconcileRoutesLocked(s *Snapshot) {
 				k.warned[warnKey] = true
 				k.logger.Warn("adding route failed", "route", r.String(), logkey.IfIndex, r.IfIndex, logkey.Err, err)
 			}
+			complete[owner[r]] = false
 			continue
 		}
 		delete(k.warned, warnKey)
@@ -527,6 +593,7 @@ func (k *tableKeeper) reconcileRoutesLocked(s *Snapshot) {
 	if added+deleted > 0 {
 		k.logger.Info("routing tables updated", "added", added, "deleted", deleted)
 	}
+	return complete
 }
 
 func (k *tableKeeper) warnNoGatewayLocked(ap *policy.AccessPoint, noGateway []string) {
@@ -556,6 +623,11 @@ func formatRule(r netlink.Rule) string {
 	s := fmt.Sprintf("%s priority %d fwmark %#x", family, r.Priority, r.Mark)
 	if r.Mask != nil && *r.Mask != 0xffffffff {
 		s += fmt.Sprintf("/%#x", *r.Mask)
+	}
+	if r.Table == 0 {
+		// Listed rules do not carry their action, so a rule without a
+		// table is taken for iapd's unreachable rule.
+		return s + " unreachable"
 	}
 	return s + fmt.Sprintf(" lookup %d", r.Table)
 }

@@ -1,7 +1,9 @@
 package iface
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"slices"
 	"sync"
@@ -250,37 +252,80 @@ func mapValues[F any](m map[int]F) []F {
 	return fns
 }
 
-// logChanges logs, at Info, the changes between two snapshots that an
-// operator cares about: links appearing, disappearing, going up or down,
-// and changing addresses or default gateways.
-func logChanges(logger *slog.Logger, old, cur *Snapshot) {
-	for _, ifc := range cur.ifaces {
-		attrs := []any{logkey.Interface, ifc.Name, logkey.IfIndex, ifc.Index}
+// LinkChangeKind is what happened to an interface between two snapshots.
+type LinkChangeKind string
+
+// Link change kinds. Their strings are the kinds of iapd's events.
+const (
+	LinkAdded       LinkChangeKind = "interface_added"
+	LinkRemoved     LinkChangeKind = "interface_removed"
+	LinkUp          LinkChangeKind = "interface_up"
+	LinkDown        LinkChangeKind = "interface_down"
+	LinkReaddressed LinkChangeKind = "interface_readdressed"
+)
+
+// LinkChange is one change of one interface between two snapshots.
+type LinkChange struct {
+	Kind      LinkChangeKind
+	Interface *Interface // the new state; the old one for LinkRemoved
+	Detail    string     // what changed, in words
+}
+
+// Changes lists what an operator cares about between old and cur: links
+// appearing (a link re-created under the same name counts as added),
+// disappearing, going up or down, and changing addresses or default
+// gateways. The order is that of cur's interfaces, then the removed ones.
+func Changes(old, cur *Snapshot) []LinkChange {
+	var changes []LinkChange
+	for _, ifc := range cur.Interfaces() {
 		prev, ok := old.Interface(ifc.Name)
 		switch {
 		case !ok:
-			logger.Info("link added", append(attrs, "up", ifc.Up, "carrier", ifc.Carrier, "addrs", ifc.Addrs)...)
+			changes = append(changes, LinkChange{Kind: LinkAdded, Interface: ifc, Detail: describeLink(ifc)})
 			continue
 		case prev.Index != ifc.Index:
-			logger.Info("link re-created", append(attrs, "old_ifindex", prev.Index, "up", ifc.Up, "carrier", ifc.Carrier)...)
-		case isRunning(prev) != isRunning(ifc):
-			if isRunning(ifc) {
-				logger.Info("link up", attrs...)
-			} else {
-				logger.Info("link down", append(attrs, "up", ifc.Up, "carrier", ifc.Carrier)...)
-			}
+			detail := fmt.Sprintf("re-created, index %d was %d; %s", ifc.Index, prev.Index, describeLink(ifc))
+			changes = append(changes, LinkChange{Kind: LinkAdded, Interface: ifc, Detail: detail})
+			continue
+		case isRunning(prev) && !isRunning(ifc):
+			changes = append(changes, LinkChange{Kind: LinkDown, Interface: ifc, Detail: describeLink(ifc)})
+		case !isRunning(prev) && isRunning(ifc):
+			changes = append(changes, LinkChange{Kind: LinkUp, Interface: ifc, Detail: describeLink(ifc)})
 		}
-		if !slices.Equal(prev.Addrs, ifc.Addrs) || !slices.Equal(prev.Preferred, ifc.Preferred) {
-			logger.Info("link readdressed", append(attrs, "addrs", ifc.Addrs, "preferred", ifc.Preferred)...)
-		}
-		if !slices.Equal(prev.Gateways, ifc.Gateways) {
-			logger.Info("default gateways changed", append(attrs, "gateways", ifc.Gateways)...)
+		if !slices.Equal(prev.Addrs, ifc.Addrs) || !slices.Equal(prev.Preferred, ifc.Preferred) || !slices.Equal(prev.Gateways, ifc.Gateways) {
+			detail := fmt.Sprintf("addresses %v, gateways %v", ifc.Addrs, ifc.Gateways)
+			changes = append(changes, LinkChange{Kind: LinkReaddressed, Interface: ifc, Detail: detail})
 		}
 	}
-	for _, prev := range old.ifaces {
+	for _, prev := range old.Interfaces() {
 		if _, ok := cur.Interface(prev.Name); !ok {
-			logger.Info("link removed", logkey.Interface, prev.Name, logkey.IfIndex, prev.Index)
+			changes = append(changes, LinkChange{Kind: LinkRemoved, Interface: prev, Detail: fmt.Sprintf("index %d", prev.Index)})
 		}
+	}
+	return changes
+}
+
+// describeLink says whether ifc is up and has carrier, and its addresses.
+func describeLink(ifc *Interface) string {
+	state := "down"
+	switch {
+	case ifc.Up && ifc.Carrier:
+		state = "up"
+	case ifc.Up:
+		state = "up without carrier"
+	}
+	return fmt.Sprintf("%s, addresses %v", state, ifc.Addrs)
+}
+
+// logChanges logs the changes between two snapshots at Debug. The daemon
+// publishes them as events, which it logs at Info.
+func logChanges(logger *slog.Logger, old, cur *Snapshot) {
+	if !logger.Enabled(context.Background(), slog.LevelDebug) {
+		return
+	}
+	for _, c := range Changes(old, cur) {
+		logger.Debug("link changed", "kind", string(c.Kind), logkey.Interface, c.Interface.Name,
+			logkey.IfIndex, c.Interface.Index, "detail", c.Detail)
 	}
 }
 

@@ -3,6 +3,7 @@ package iface
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -175,5 +176,52 @@ func TestMonitorUnregisterAndClose(t *testing.T) {
 	}
 	if err := m.Close(); err != nil {
 		t.Errorf("second Close: %v", err)
+	}
+}
+
+func TestChanges(t *testing.T) {
+	wlan := func(index int, up bool, addrs ...string) Interface {
+		return Interface{Index: index, Name: "wlan0", Up: up, Carrier: up, Addrs: mustPrefixes(addrs...)}
+	}
+	snap := func(ifs ...Interface) *Snapshot { return newSnapshot(ifs, nil) }
+	eth := Interface{Index: 3, Name: "eth0", Up: true, Carrier: true}
+
+	tests := []struct {
+		name     string
+		old, cur *Snapshot
+		want     []string // "kind interface: detail"
+	}{
+		{name: "unchanged", old: snap(wlan(2, true, "192.0.2.2/24")), cur: snap(wlan(2, true, "192.0.2.2/24"))},
+		{
+			name: "down", old: snap(wlan(2, true, "192.0.2.2/24")), cur: snap(wlan(2, false, "192.0.2.2/24")),
+			want: []string{"interface_down wlan0: down, addresses [192.0.2.2/24]"},
+		},
+		{
+			name: "up and readdressed", old: snap(wlan(2, false)), cur: snap(wlan(2, true, "192.0.2.2/24")),
+			want: []string{"interface_up wlan0: up, addresses [192.0.2.2/24]", "interface_readdressed wlan0: addresses [192.0.2.2/24], gateways []"},
+		},
+		{
+			name: "carrier lost", old: snap(wlan(2, true)), cur: snap(Interface{Index: 2, Name: "wlan0", Up: true}),
+			want: []string{"interface_down wlan0: up without carrier, addresses []"},
+		},
+		{
+			name: "added and removed", old: snap(wlan(2, true)), cur: snap(eth),
+			want: []string{"interface_added eth0: up, addresses []", "interface_removed wlan0: index 2"},
+		},
+		{
+			name: "re-created", old: snap(wlan(2, true)), cur: snap(wlan(9, true)),
+			want: []string{"interface_added wlan0: re-created, index 9 was 2; up, addresses []"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var got []string
+			for _, c := range Changes(tt.old, tt.cur) {
+				got = append(got, string(c.Kind)+" "+c.Interface.Name+": "+c.Detail)
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("Changes =\n%q\nwant\n%q", got, tt.want)
+			}
+		})
 	}
 }

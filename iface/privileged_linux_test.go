@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -273,7 +275,12 @@ func TestPrivilegedManagerRoutesPerAccessPoint(t *testing.T) {
 	}
 
 	rules := host.IP(t, "rule", "show")
-	for _, want := range []string{"18100:\tfrom all fwmark 0x1a900 lookup 18100", "18100:\tfrom all fwmark 0x1a901 lookup 18101"} {
+	for _, want := range []string{
+		"18100:\tfrom all fwmark 0x1a900 lookup 18100",
+		"18100:\tfrom all fwmark 0x1a901 lookup 18101",
+		"18101:\tfrom all fwmark 0x1a900 unreachable",
+		"18101:\tfrom all fwmark 0x1a901 unreachable",
+	} {
 		if !strings.Contains(rules, want) {
 			t.Errorf("ip rule lacks %q:\n%s", want, rules)
 		}
@@ -369,6 +376,7 @@ func TestPrivilegedManagerRemovesLeftovers(t *testing.T) {
 	host.IP(t, "rule", "add", "fwmark", "0x1a905", "lookup", "18105", "priority", "18100")
 	host.IP(t, "route", "add", "default", "via", "192.0.2.1", "dev", "cell", "table", "18105")
 	host.IP(t, "route", "add", "198.51.100.0/24", "via", "192.0.2.1", "dev", "cell", "table", "18100")
+	host.IP(t, "rule", "add", "fwmark", "0x1a905", "priority", "18101", "unreachable")
 	// Someone else's rule at another priority stays.
 	host.IP(t, "rule", "add", "fwmark", "0x1a905", "lookup", "18105", "priority", "18200")
 
@@ -383,11 +391,11 @@ func TestPrivilegedManagerRemovesLeftovers(t *testing.T) {
 	}
 	defer mgr.Close()
 
-	if got := logs.matching("removed routing state of an earlier run", "rules=1", "routes=2"); len(got) != 1 {
+	if got := logs.matching("removed routing state of an earlier run", "rules=2", "routes=2"); len(got) != 1 {
 		t.Errorf("logged %d matching lines about leftovers, want 1", len(got))
 	}
 	rules := host.IP(t, "rule", "show")
-	if strings.Contains(rules, "18100:\tfrom all fwmark 0x1a905") {
+	if strings.Contains(rules, "18100:\tfrom all fwmark 0x1a905") || strings.Contains(rules, "18101:\tfrom all fwmark 0x1a905") {
 		t.Errorf("leftover rule still installed:\n%s", rules)
 	}
 	if !strings.Contains(rules, "18200:\tfrom all fwmark 0x1a905 lookup 18105") {
@@ -555,4 +563,94 @@ func TestPrivilegedManagerUpdate(t *testing.T) {
 		t.Fatalf("Close: %v", err)
 	}
 	waitRules()
+}
+
+// TestPrivilegedManagerUnreachableWithoutRoute dials through an access
+// point whose table has no default route while the main table has one
+// through another interface. The marked socket must not fall through to
+// the main table, where the kernel would take the target for on-link and
+// wait for neighbour resolution: it must fail at once.
+func TestPrivilegedManagerUnreachableWithoutRoute(t *testing.T) {
+	netnstest.Require(t)
+	host := netnstest.New(t, "host")
+	host.Exec(t, "sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=2")
+	newUplink(t, host, "wifi")
+	newUplink(t, host, "cell")
+	host.IP(t, "route", "add", "default", "via", "192.0.2.1", "dev", "wifi")
+
+	// cell has no gateway, in the policy or the main table, so its table
+	// holds only its attached network.
+	p := testPolicy(&policy.AccessPoint{Name: "cell", Interface: "cell"})
+	logger, _ := newTestLogger(t)
+	var mgr *Manager
+	if err := host.Do(func() (err error) {
+		mgr, err = NewManager(ManagerConfig{Policy: p, Logger: logger})
+		return err
+	}); err != nil {
+		t.Fatalf("NewManager: %v", err)
+	}
+	t.Cleanup(func() { mgr.Close() })
+	if !mgr.RoutesReady(p.AccessPoints["cell"]) {
+		t.Errorf("RoutesReady(cell) = false with its attached network installed")
+	}
+	if table := host.IP(t, "route", "show", "table", "18100"); strings.Contains(table, "default") {
+		t.Fatalf("table 18100 has a default route, want none:\n%s", table)
+	}
+
+	tests := []struct {
+		name    string
+		address string
+	}{
+		{name: "IPv4", address: serverV4},
+		{name: "IPv6", address: serverV6},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			start := time.Now()
+			_, err := dialIn(host, mgr.Dialer(p.AccessPoints["cell"]), "tcp", tt.address, 3*time.Second)
+			elapsed := time.Since(start)
+			if !errors.Is(err, syscall.ENETUNREACH) {
+				t.Fatalf("dial: %v, want ENETUNREACH", err)
+			}
+			if !strings.Contains(err.Error(), "network is unreachable") {
+				t.Errorf("error %q does not say network is unreachable", err)
+			}
+			if elapsed > 500*time.Millisecond {
+				t.Errorf("dial failed after %v, want at once", elapsed)
+			}
+			if !errors.Is(err, ErrNoRoute) {
+				t.Errorf("dial error %v does not wrap ErrNoRoute", err)
+			}
+		})
+
+		// A socket with the mark alone, not bound to the interface, must
+		// meet the unreachable rule instead of the main table's default
+		// route through wifi.
+		t.Run(tt.name+" marked socket", func(t *testing.T) {
+			start := time.Now()
+			err := host.Do(func() error {
+				d := net.Dialer{Timeout: 3 * time.Second, Control: setMark(0x1a900)}
+				c, err := d.Dial("tcp", tt.address)
+				if err == nil {
+					c.Close()
+				}
+				return err
+			})
+			if !errors.Is(err, syscall.ENETUNREACH) {
+				t.Fatalf("dial: %v, want ENETUNREACH", err)
+			}
+			if elapsed := time.Since(start); elapsed > 500*time.Millisecond {
+				t.Errorf("dial failed after %v, want at once", elapsed)
+			}
+		})
+	}
+
+	if err := mgr.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	for _, family := range []string{"-4", "-6"} {
+		if rules := host.IP(t, family, "rule", "show"); strings.Contains(rules, "fwmark") {
+			t.Errorf("rules left after Close (%s):\n%s", family, rules)
+		}
+	}
 }

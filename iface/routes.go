@@ -59,24 +59,34 @@ func desiredRoutes(ap *policy.AccessPoint, table int, ifc *Interface) (routes []
 		}
 
 		def := tableRoute{Table: table, Dst: defaultPrefix(v6), IfIndex: ifc.Index}
-		gw, ok := ap.Gateway(v6)
+		gw, ok := defaultGateway(ap, ifc, v6)
 		if !ok {
-			gw, ok = ifc.Gateway(v6)
-		}
-		switch {
-		case ok:
-			def.Gateway = gw.Unmap()
-			def.OnLink = !isAttached(ifc, def.Gateway)
-		case ifc.PointToPoint || ifc.NoARP:
-			// A tunnel or PPP link has no neighbours to resolve: packets
-			// go straight out of it.
-		default:
 			noGateway = append(noGateway, familyName(v6))
 			continue
+		}
+		if gw.IsValid() {
+			def.Gateway = gw
+			def.OnLink = !isAttached(ifc, gw)
 		}
 		defaults = append(defaults, def)
 	}
 	return append(routes, defaults...), noGateway
+}
+
+// defaultGateway returns the next hop of ap's default route of the family
+// of v6: the policy's gateway, else a main-table gateway on ifc. For a
+// point-to-point or NOARP link without one it returns an invalid address,
+// because packets go straight out of the link. It returns false when there
+// is no way past the link's own networks.
+func defaultGateway(ap *policy.AccessPoint, ifc *Interface, v6 bool) (netip.Addr, bool) {
+	if gw, ok := ap.Gateway(v6); ok {
+		return gw.Unmap(), true
+	}
+	if gw, ok := ifc.Gateway(v6); ok {
+		return gw.Unmap(), true
+	}
+	// A tunnel or PPP link has no neighbours to resolve.
+	return netip.Addr{}, ifc.PointToPoint || ifc.NoARP
 }
 
 // hasFamily reports whether connections of the family of v6 can leave ap's

@@ -44,7 +44,7 @@ type Policy struct {
 type Routing struct {
 	Table        int    // first routing table number; default 18100
 	Mark         uint32 // first firewall mark; default 0x1a900
-	RulePriority int    // priority of iapd's rules; default 18100, ahead of the main table's 32766
+	RulePriority int    // priority of iapd's lookup rules; default 18100, ahead of the main table's 32766, with the unreachable rules at RulePriority+1
 }
 
 // Protocol is the protocol a listener speaks.

@@ -774,8 +774,10 @@ type rawRouting struct {
 	// (0x1a900). Every access point's mark must fit 32 bits. Default
 	// 0x1a900.
 	Mark int64
-	// Priority (key priority, optional) is the priority of iapd's rules,
-	// from 1 to 32765 so that they come before the main table's rule at
+	// Priority (key priority, optional) is the priority of iapd's rules
+	// that select an access point's table, from 1 to 32764. The rules that
+	// stop marked sockets from falling through to other tables sit at
+	// priority+1, so both come before the main table's rule at
 	// 32766. Default 18100.
 	Priority int64
 
@@ -810,8 +812,8 @@ func (r *rawRouting) UnmarshalYAML(n *yaml.Node) error {
 			}
 			r.Mark, r.markPos = value, t.Pos
 		case "priority":
-			if value < 1 || value > 32765 {
-				errs.add(t.Pos, key, "priority %s out of range 1 to 32765 (the main table's rule is at 32766)", t.Value)
+			if value < 1 || value > 32764 {
+				errs.add(t.Pos, key, "priority %s out of range 1 to 32764 (iapd uses it and the next number, and the main table's rule is at 32766)", t.Value)
 				return
 			}
 			r.Priority = value

@@ -1,0 +1,346 @@
+package iface
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"time"
+
+	"iapd/internal/logkey"
+	"iapd/policy"
+)
+
+// HealthConfig holds the settings of NewHealth.
+type HealthConfig struct {
+	Policy  *policy.Policy // required
+	Manager *Manager       // required: interface state, routing tables and dialers
+	// Resolve looks up a host name of a tcp or http probe with the access
+	// point's own resolver. Nil makes such probes fail on names.
+	Resolve LookupFunc
+	// Query looks up the name of a dns probe with the access point's own
+	// resolver, asking its servers even when an answer is cached. Nil makes
+	// dns probes fail.
+	Query  LookupFunc
+	Logger *slog.Logger // nil discards logs
+}
+
+// LookupFunc resolves host through ap's resolver.
+type LookupFunc func(ctx context.Context, ap *policy.AccessPoint, host string) ([]netip.Addr, error)
+
+// Health decides whether each access point of a policy is usable now: its
+// interface state, its routing table, its probe and the failures of real
+// dials together. It implements the access point part of
+// policy.Conditions and tells registered callbacks about every change. It
+// is safe for concurrent use; create it with NewHealth and stop its probes
+// with Close.
+type Health struct {
+	cfg    HealthConfig
+	logger *slog.Logger
+	now    func() time.Time // replaced by tests
+
+	ctx    context.Context // cancelled by Close, which ends probes in flight
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	// updateMu serializes updates, so that callbacks see the changes of
+	// one access point in the order they happened.
+	updateMu sync.Mutex
+
+	mu        sync.Mutex // protects everything below
+	aps       map[*policy.AccessPoint]*apHealth
+	callbacks map[int]func(Change)
+	nextID    int
+	closed    bool
+
+	unregisterHook func()
+}
+
+// apHealth is the state that Health keeps for one access point.
+type apHealth struct {
+	status     policy.Status
+	everUsable bool          // usable at some time since start, so a return is held down
+	kick       chan struct{} // wakes its prober; capacity 1
+
+	probe probeState
+}
+
+// Change is a change of one access point's status: whether it is usable
+// and why not, the families or link facts it has, or its latency.
+type Change struct {
+	AccessPoint *policy.AccessPoint
+	Old, New    policy.Status
+}
+
+// UsableChanged reports whether the access point became usable or stopped
+// being usable.
+func (c Change) UsableChanged() bool { return c.Old.Usable != c.New.Usable }
+
+// NewHealth computes the status of every access point of cfg.Policy from
+// the current interface state, starts the probes, and follows every
+// re-read of interface state. Probes of an access point run while its
+// link is usable; the first one right away.
+func NewHealth(cfg HealthConfig) *Health {
+	if cfg.Policy == nil || cfg.Manager == nil {
+		panic("iface.NewHealth: nil Policy or Manager")
+	}
+	logger := cfg.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	h := &Health{
+		cfg:       cfg,
+		logger:    logger.With(logkey.Component, "iface.health"),
+		now:       time.Now,
+		aps:       make(map[*policy.AccessPoint]*apHealth, len(cfg.Policy.AccessPointOrder)),
+		callbacks: make(map[int]func(Change)),
+	}
+	h.ctx, h.cancel = context.WithCancel(context.Background())
+	for _, ap := range cfg.Policy.AccessPointOrder {
+		h.aps[ap] = &apHealth{kick: make(chan struct{}, 1)}
+	}
+	h.update()
+
+	for _, ap := range cfg.Policy.AccessPointOrder {
+		if ap.Probe == nil {
+			continue
+		}
+		h.wg.Add(1)
+		go h.probeLoop(ap, h.aps[ap])
+	}
+	// Registered after the manager's own hook, so every update sees the
+	// routing tables that the manager has just reconciled.
+	h.unregisterHook = cfg.Manager.Monitor().registerReadHook(func(*Snapshot) { h.update() })
+	return h
+}
+
+// Status returns ap's status now. It implements the access point part of
+// policy.Conditions. An access point outside the policy is not usable.
+func (h *Health) Status(ap *policy.AccessPoint) policy.Status {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	st, ok := h.aps[ap]
+	if !ok {
+		return policy.Status{Reason: fmt.Sprintf("access point %q is not in the policy", ap.Name)}
+	}
+	return st.status
+}
+
+// RegisterChangeCallback arranges for fn to be called with every change of
+// an access point's status. Calls come one at a time, in order, and must
+// not call RegisterChangeCallback, Close or the Dial methods. It returns
+// the function that removes fn.
+func (h *Health) RegisterChangeCallback(fn func(Change)) (unregister func()) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	id := h.nextID
+	h.nextID++
+	h.callbacks[id] = fn
+	return func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		delete(h.callbacks, id)
+	}
+}
+
+// DialSucceeded records that a real connection through ap connected, or
+// was refused by its target, which shows that the way out works.
+func (h *Health) DialSucceeded(ap *policy.AccessPoint) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if st, ok := h.aps[ap]; ok {
+		st.probe.dialFailures = 0
+	}
+}
+
+// DialFailed records that a real connection through ap failed in a way
+// that points at the access point: a timeout, no route, or no DNS answer.
+// When the access point has a probe with dial_failures set, that many
+// failures in a row make it unusable until its probe passes again.
+//
+// NOTE: a target that is down for everyone fails the same way, so a
+// client that keeps dialling a dead host can take a working access point
+// out of use until its probe brings it back.
+func (h *Health) DialFailed(ap *policy.AccessPoint, err error) {
+	h.mu.Lock()
+	st, ok := h.aps[ap]
+	if !ok || ap.Probe == nil || ap.Probe.DialFailures == 0 {
+		h.mu.Unlock()
+		return
+	}
+	marked := st.probe.dialFailed(ap.Probe, err)
+	h.mu.Unlock()
+
+	if marked {
+		h.logger.Debug("dials failed, probing again", logkey.AccessPoint, ap.Name, logkey.Err, err)
+		kick(st.kick)
+		h.update()
+	}
+}
+
+// Close stops the probes and stops following interface state. Callbacks
+// are not called after Close returns. It is idempotent.
+func (h *Health) Close() error {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return nil
+	}
+	h.closed = true
+	h.mu.Unlock()
+
+	h.unregisterHook()
+	h.cancel()
+	h.wg.Wait()
+	return nil
+}
+
+// update recomputes every access point's status and calls the callbacks
+// with the changes.
+func (h *Health) update() {
+	h.updateMu.Lock()
+	defer h.updateMu.Unlock()
+
+	s := h.cfg.Manager.Snapshot()
+	now := h.now()
+	var changes []Change
+	var resumed []*apHealth
+
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return
+	}
+	for _, ap := range h.cfg.Policy.AccessPointOrder {
+		st := h.aps[ap]
+		linkOK, next := h.linkStatus(s, ap)
+		switch {
+		case !linkOK && st.probe.linkOK:
+			// A probe result from before the link went away says
+			// nothing about the link that comes back.
+			st.probe.reset()
+		case linkOK && !st.probe.linkOK:
+			resumed = append(resumed, st)
+		}
+		st.probe.linkOK = linkOK
+		if linkOK && ap.Probe != nil {
+			next.Usable, next.Reason = st.probe.usable(ap.Probe)
+			next.Latency = st.probe.latencyIfUp()
+		}
+		if ap.Probe != nil {
+			next.Probe = st.probe.describe(ap.Probe)
+		}
+
+		next.Since = st.status.Since
+		if next.Usable && !st.status.Usable {
+			if st.everUsable {
+				next.Since = now
+			}
+			st.everUsable = true
+		}
+		if differs(st.status, next) {
+			changes = append(changes, Change{AccessPoint: ap, Old: st.status, New: next})
+		}
+		st.status = next
+	}
+	callbacks := mapValues(h.callbacks)
+	h.mu.Unlock()
+
+	for _, st := range resumed {
+		kick(st.kick)
+	}
+	for _, c := range changes {
+		for _, fn := range callbacks {
+			fn(c)
+		}
+	}
+}
+
+// linkStatus returns the status of ap as interface state and routing
+// tables give it, and whether those let the probe run.
+func (h *Health) linkStatus(s *Snapshot, ap *policy.AccessPoint) (bool, policy.Status) {
+	var st policy.Status
+	st.Usable, st.Reason = s.Usable(ap)
+	st.IPv4, st.IPv6 = s.Families(ap)
+	st.Link = h.link(s, ap)
+	if st.Usable && !h.cfg.Manager.RoutesReady(ap) {
+		st.Usable = false
+		st.Reason = fmt.Sprintf("routing table %d of interface %s is not installed yet", h.cfg.Policy.Routing.Table+ap.Index, ap.Interface)
+	}
+	return st.Usable, st
+}
+
+// link returns the facts of the interface ap sends through now: its own,
+// or for interface: default the one that holds the default route.
+func (h *Health) link(s *Snapshot, ap *policy.AccessPoint) policy.Link {
+	if !ap.IsDefault() {
+		return h.cfg.Policy.Link(ap.Interface)
+	}
+	for _, v6 := range []bool{false, true} {
+		if ifc, _, ok := s.Default(v6); ok {
+			return h.cfg.Policy.Link(ifc.Name)
+		}
+	}
+	return policy.Link{Interface: policy.DefaultInterface}
+}
+
+// differs reports whether b is a change worth telling from a: everything
+// but the probe's words, which change with every probe.
+func differs(a, b policy.Status) bool {
+	return a.Usable != b.Usable || a.Reason != b.Reason || !a.Since.Equal(b.Since) ||
+		a.IPv4 != b.IPv4 || a.IPv6 != b.IPv6 || a.Latency != b.Latency || a.Link != b.Link
+}
+
+// kick wakes a prober without blocking; kicks coalesce.
+func kick(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// probeLoop probes ap every interval while its link is usable, and at
+// once when kicked.
+func (h *Health) probeLoop(ap *policy.AccessPoint, st *apHealth) {
+	defer h.wg.Done()
+	p := ap.Probe
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-h.ctx.Done():
+			return
+		case <-timer.C:
+		case <-st.kick:
+		}
+
+		h.mu.Lock()
+		linkOK := st.probe.linkOK
+		h.mu.Unlock()
+		if linkOK {
+			h.probeOnce(ap, st)
+		}
+		timer.Reset(p.Interval)
+	}
+}
+
+// probeOnce sends ap's probe, records the result and updates the statuses.
+func (h *Health) probeOnce(ap *policy.AccessPoint, st *apHealth) {
+	ctx, cancel := context.WithTimeout(h.ctx, ap.Probe.Timeout)
+	rtt, err := sendProbe(ctx, ap, h.cfg.Manager.Dialer(ap), h.cfg.Resolve, h.cfg.Query)
+	cancel()
+	if h.ctx.Err() != nil {
+		return
+	}
+
+	if err != nil {
+		h.logger.Debug("probe failed", logkey.AccessPoint, ap.Name, logkey.Err, err)
+	} else {
+		h.logger.Debug("probe passed", logkey.AccessPoint, ap.Name, "rtt", rtt)
+	}
+	h.mu.Lock()
+	st.probe.record(ap.Probe, rtt, err)
+	h.mu.Unlock()
+	h.update()
+}
