@@ -156,7 +156,26 @@ func PlanDestination(d *Destination, c Conditions) Plan {
 	return p
 }
 
+// Refusal returns the reason the policy refuses a connection of app to
+// target with choice, wrapping ErrNotAllowed, or nil when it allows it. It
+// looks at the app's routes and the choice only, not at access points, so
+// it takes no round-robin turn.
+func Refusal(app *App, target, choice string) error {
+	host, port, hasPort := splitHostPort(target)
+	return routePlan(app, host, port, hasPort, choice).refused
+}
+
 func newPlan(app *App, host string, port uint16, hasPort bool, choice string, c Conditions) Plan {
+	p := routePlan(app, host, port, hasPort, choice)
+	if p.refused == nil {
+		p.order(app.Require, hostFamily(host), c, true)
+	}
+	return p
+}
+
+// routePlan returns a plan with the destination that app's routes and the
+// client's choice give for host, or with the refusal, but no candidates.
+func routePlan(app *App, host string, port uint16, hasPort bool, choice string) Plan {
 	p := Plan{App: app, Choice: choice, Destination: app.Destination}
 	if r := app.matchRoute(host, port, hasPort); r != nil {
 		p.Route = r
@@ -175,7 +194,6 @@ func newPlan(app *App, host string, port uint16, hasPort bool, choice string, c 
 		}
 		p.Destination = d
 	}
-	p.order(app.Require, hostFamily(host), c, true)
 	return p
 }
 

@@ -34,19 +34,19 @@ func (s *Server) dialContext(ctx context.Context) (context.Context, context.Canc
 }
 
 // dial resolves and dials target (host:port as the client sent it) for app.
-// It tries the usable access points of the destination that the app's
-// routes, or the client's choice, give in the policy's order, each
-// resolving the host with its own resolver, until one connects or ctx
-// ends, and returns the connection entered in the table. choice is the
-// access point or destination the client chose, "" for none. Errors are
-// *DialError.
+// It tries the access points of the plan for the destination that the
+// app's routes, or the client's choice, give, each resolving the host with
+// its own resolver: one after another in the plan's order, or, for a
+// destination that races, staggered by its race delay. It returns the
+// first connection, entered in the table. choice is the access point or
+// destination the client chose, "" for none. Errors are *DialError.
 func (s *Server) dial(ctx context.Context, app *policy.App, choice string, l *policy.Listener, target string) (*upstream, error) {
 	host, port, err := splitTarget(target)
 	if err != nil {
 		return nil, &DialError{Op: "connect", App: app.Name, Destination: app.Destination.Name, Target: target, Err: err}
 	}
 
-	plan := policy.NewOverridePlan(app, target, choice, s.cfg.Network.Usability())
+	plan := policy.NewOverridePlan(app, target, choice, s.cfg.Network.Conditions())
 	if err := plan.Err(); err != nil {
 		s.logPlanFailure(plan, target, err)
 		derr := &DialError{Op: "select", App: app.Name, Destination: plan.DestinationName(), Target: target, Err: err}
@@ -58,21 +58,40 @@ func (s *Server) dial(ctx context.Context, app *policy.App, choice string, l *po
 			"route", plan.Route.Index, logkey.Destination, plan.DestinationName())
 	}
 
+	var c net.Conn
+	var ap *policy.AccessPoint
+	var derr *DialError
+	if plan.Destination.Select == policy.SelectRace {
+		c, ap, derr = s.dialRace(ctx, plan, host, port, target)
+	} else {
+		c, ap, derr = s.dialInOrder(ctx, plan, host, port, target)
+	}
+	if derr != nil {
+		derr.App = app.Name
+		derr.Destination = plan.DestinationName()
+		return nil, derr
+	}
+	return s.track(c, app, plan.Destination, l, target, ap), nil
+}
+
+// dialInOrder tries plan's candidates one after another, each within its
+// share of the time left.
+func (s *Server) dialInOrder(ctx context.Context, plan policy.Plan, host string, port uint16, target string) (net.Conn, *policy.AccessPoint, *DialError) {
 	var first *DialError
 	var rest []error
 	for i, ap := range plan.Candidates {
 		started := time.Now()
 		c, derr := s.dialAttempt(ctx, ap, host, port, target, len(plan.Candidates)-i)
-		s.observeDial(app, ap.Name, target, time.Since(started), derr)
+		s.observeDial(plan.App, ap.Name, target, time.Since(started), derr)
 		if derr == nil {
 			if first != nil {
-				s.logger.Debug("failed over", logkey.App, app.Name, logkey.Target, target,
+				s.logger.Debug("failed over", logkey.App, plan.App.Name, logkey.Target, target,
 					logkey.AccessPoint, ap.Name, "failed_access_point", first.AccessPoint)
 			}
-			return s.track(c, app, l, target, ap), nil
+			return c, ap, nil
 		}
 
-		s.logger.Debug("access point failed", logkey.App, app.Name, logkey.Target, target,
+		s.logger.Debug("access point failed", logkey.App, plan.App.Name, logkey.Target, target,
 			logkey.AccessPoint, ap.Name, logkey.Err, derr.Err)
 		if first == nil {
 			first = derr
@@ -86,10 +105,92 @@ func (s *Server) dial(ctx context.Context, app *policy.App, choice string, l *po
 
 	// Like net.Dialer, report the first attempt's error: it comes from the
 	// access point that the policy prefers.
-	first.App = app.Name
-	first.Destination = plan.DestinationName()
 	first.Rest = errors.Join(rest...)
-	return nil, first
+	return nil, nil, first
+}
+
+// raceResult is how one access point's attempt in a race ended.
+type raceResult struct {
+	index int
+	ap    *policy.AccessPoint
+	conn  net.Conn
+	err   *DialError
+	took  time.Duration // resolving and connecting
+}
+
+// dialRace dials plan's first candidate, starts the next one when the
+// running ones have not connected within the destination's race delay or
+// as soon as one fails, and keeps the first connection. The others are
+// cancelled, and any that connect anyway are closed.
+func (s *Server) dialRace(ctx context.Context, plan policy.Plan, host string, port uint16, target string) (net.Conn, *policy.AccessPoint, *DialError) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	cands := plan.Candidates
+	results := make(chan raceResult, len(cands))
+	started, running := 0, 0
+	startNext := func() {
+		i, ap := started, cands[started]
+		started++
+		running++
+		go func() {
+			started := time.Now()
+			c, derr := s.dialThrough(ctx, ap, host, port, target)
+			results <- raceResult{index: i, ap: ap, conn: c, err: derr, took: time.Since(started)}
+		}()
+	}
+
+	startNext()
+	timer := time.NewTimer(plan.Destination.RaceDelay)
+	defer timer.Stop()
+	errs := make([]*DialError, len(cands))
+	for running > 0 {
+		select {
+		case <-timer.C:
+			if started < len(cands) {
+				startNext()
+				timer.Reset(plan.Destination.RaceDelay)
+			}
+		case r := <-results:
+			running--
+			s.observeDial(plan.App, r.ap.Name, target, r.took, r.err)
+			if r.err == nil {
+				cancel()
+				go closeLosers(results, running)
+				if r.index > 0 {
+					s.logger.Debug("race won by a later access point", logkey.App, plan.App.Name, logkey.Target, target,
+						logkey.AccessPoint, r.ap.Name, "place", r.index+1)
+				}
+				return r.conn, r.ap, nil
+			}
+			errs[r.index] = r.err
+			s.logger.Debug("access point failed", logkey.App, plan.App.Name, logkey.Target, target,
+				logkey.AccessPoint, r.ap.Name, logkey.Err, r.err.Err)
+			if started < len(cands) && ctx.Err() == nil {
+				startNext()
+				timer.Reset(plan.Destination.RaceDelay)
+			}
+		}
+	}
+
+	// As in an ordered dial, the first candidate's error is the one the
+	// client sees; every attempt started, so every slot is filled.
+	var rest []error
+	for _, e := range errs[1:started] {
+		rest = append(rest, e)
+	}
+	errs[0].Rest = errors.Join(rest...)
+	return nil, nil, errs[0]
+}
+
+// closeLosers waits for the n attempts of a race still running after it was
+// won and closes the connections that some of them made regardless.
+func closeLosers(results <-chan raceResult, n int) {
+	for range n {
+		if r := <-results; r.conn != nil {
+			r.conn.Close()
+		}
+	}
 }
 
 // observeDial passes the outcome of one attempt to Config.OnDialAttempt.
@@ -143,16 +244,33 @@ func (s *Server) logPlanFailure(plan policy.Plan, target string, err error) {
 }
 
 // dialThrough connects to target through ap: through its gateway proxy
-// when it has one, and otherwise directly.
+// when it has one, and otherwise directly. It reports the outcome to the
+// network.
 func (s *Server) dialThrough(ctx context.Context, ap *policy.AccessPoint, host string, port uint16, target string) (net.Conn, *DialError) {
+	var c net.Conn
+	var derr *DialError
 	if ap.Proxy != nil {
-		return s.dialGateway(ctx, ap, target)
+		c, derr = s.dialGateway(ctx, ap, target)
+	} else {
+		c, derr = s.dialDirect(ctx, ap, host, port)
+		if derr != nil {
+			derr.Target = target
+		}
 	}
-	c, derr := s.dialDirect(ctx, ap, host, port)
-	if derr != nil {
-		derr.Target = target
-	}
+	s.reportDial(ctx, ap, derr)
 	return c, derr
+}
+
+// reportDial reports how an attempt through ap ended to the network. A
+// failure is not reported when ctx was cancelled: then the client left or
+// a race was won elsewhere, and the failure is no evidence against ap.
+func (s *Server) reportDial(ctx context.Context, ap *policy.AccessPoint, derr *DialError) {
+	switch {
+	case derr == nil:
+		s.cfg.Network.ReportDial(ap, nil)
+	case !errors.Is(ctx.Err(), context.Canceled):
+		s.cfg.Network.ReportDial(ap, derr)
+	}
 }
 
 // dialDirect resolves host with ap's resolver, unless it is an address

@@ -78,8 +78,14 @@ type httpTestBed struct {
 // cfg, whose Network it sets.
 func newHTTPTestBed(t *testing.T, listener int, cfg Config) *httpTestBed {
 	t.Helper()
+	return newHTTPTestBedWith(t, testPolicy(t), listener, cfg)
+}
+
+// newHTTPTestBedWith is newHTTPTestBed with a policy of the same listeners.
+func newHTTPTestBedWith(t *testing.T, p *policy.Policy, listener int, cfg Config) *httpTestBed {
+	t.Helper()
 	fn := newFakeNetwork(t)
-	l := testPolicy(t).Listeners[listener]
+	l := p.Listeners[listener]
 	cfg.Network = httpSourceNetwork{fn}
 	s, addr := startServer(t, cfg, l)
 	return &httpTestBed{s: s, proxy: addr, l: l, network: fn, origin: startHTTPOrigin(t)}
@@ -485,7 +491,7 @@ func TestHTTPConnectTable(t *testing.T) {
 	waitFor(t, "the tunnel in the table", func() bool { return len(bed.s.Conns()) == 1 })
 
 	row := bed.s.Conns()[0]
-	want := ConnInfo{ID: row.ID, App: "web", Listener: bed.l.Listen, Target: target, AccessPoint: "a", Interface: "eth-a", Started: row.Started}
+	want := ConnInfo{ID: row.ID, App: "web", Listener: bed.l.Listen, Target: target, Destination: "internet", AccessPoint: "a", Interface: "eth-a", Started: row.Started}
 	if row.BytesUp, row.BytesDown = 0, 0; row != want {
 		t.Errorf("table row = %+v, want %+v", row, want)
 	}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -37,9 +38,33 @@ type transportKey struct {
 	ap  *policy.AccessPoint
 }
 
-// dialDeadlineKey carries the dial deadline of one access point's attempt
-// from roundTrip to dialPlain.
-type dialDeadlineKey struct{}
+// dialParamsKey carries a dialParams from roundTrip to dialPlain through
+// the request's context, which http.Transport passes on to its dials.
+type dialParamsKey struct{}
+
+// dialParams is what dialPlain needs to know about the request it dials
+// for.
+type dialParams struct {
+	deadline    time.Time           // of this access point's attempt; zero for none
+	destination *policy.Destination // whose plan chose the access point
+	conn        *preDialed          // a connection a race made already; nil for none
+}
+
+// preDialed is a connection that a race made for a request before the
+// request reached its transport. The transport's dial takes it once.
+type preDialed struct {
+	mu   sync.Mutex // protects conn
+	conn net.Conn   // nil once taken or closed
+}
+
+// take returns the connection and leaves nothing behind, or returns nil.
+func (p *preDialed) take() net.Conn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	c := p.conn
+	p.conn = nil
+	return c
+}
 
 // handleRequest identifies the app of an absolute-form request, strips the
 // hop-by-hop headers and sets the round tripper that dials for that app.
@@ -68,12 +93,15 @@ func (f *httpFrontend) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*h
 // upstream's, or an error response for the client.
 func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App, choice string) *http.Response {
 	target := requestTarget(req.URL)
-	plan := policy.NewOverridePlan(app, target, choice, f.s.cfg.Network.Usability())
+	plan := policy.NewOverridePlan(app, target, choice, f.s.cfg.Network.Conditions())
 	if err := plan.Err(); err != nil {
 		de := &DialError{Op: "select", App: app.Name, Destination: plan.DestinationName(), Target: target, Err: err}
 		f.s.observeDial(app, "", target, 0, de)
 		f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, de)
 		return errorResponse(req, errorStatus(de), errorBody(de))
+	}
+	if plan.Destination.Select == policy.SelectRace {
+		return f.roundTripRace(req, app, plan, target)
 	}
 
 	var body *retryableBody
@@ -86,26 +114,15 @@ func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App, choice stri
 	for i, ap := range plan.Candidates {
 		// Each access point gets a share of the dial time left, so that one
 		// that drops packets leaves time for the next.
-		share := attemptDeadline(deadline, len(plan.Candidates)-i)
-		out := req.WithContext(context.WithValue(req.Context(), dialDeadlineKey{}, share))
-		// Connection: close from the client ends the client's connection,
-		// not the pooled upstream one.
-		out.Close = false
+		params := dialParams{deadline: attemptDeadline(deadline, len(plan.Candidates)-i), destination: plan.Destination}
+		out := outgoing(req, params)
 		if body != nil {
 			out.Body = body
 		}
 
 		resp, err := f.transport(app, ap).RoundTrip(out)
 		if err == nil {
-			removeHopByHop(resp.Header)
-			if resp.ContentLength < 0 {
-				// goproxy flushes each piece of the body to the client only
-				// when the header says chunked; without that, a streamed
-				// response waits in http.Server's buffer. http.Server turns
-				// the field into its own framing for the client.
-				resp.Header.Set("Transfer-Encoding", "chunked")
-			}
-			return resp
+			return upstreamResponse(resp)
 		}
 		// dialAccessPoint leaves the app and the destination empty.
 		var de *DialError
@@ -127,6 +144,70 @@ func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App, choice stri
 	// and the log gets them all.
 	f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, errors.Join(errs...))
 	return errorResponse(req, errorStatus(errs[0]), errorBody(errs[0]))
+}
+
+// roundTripRace sends req for app through the access point that wins a race
+// of plan's candidates. The race's connection carries the request, unless
+// the transport has an idle connection of its own to the target.
+func (f *httpFrontend) roundTripRace(req *http.Request, app *policy.App, plan policy.Plan, target string) *http.Response {
+	ctx, cancel := f.s.dialContext(req.Context())
+	defer cancel()
+	host, port, err := splitTarget(target)
+	var c net.Conn
+	var ap *policy.AccessPoint
+	var derr *DialError
+	if err != nil {
+		derr = &DialError{Op: "connect", Target: target, Err: err}
+	} else {
+		c, ap, derr = f.s.dialRace(ctx, plan, host, port, target)
+	}
+	if derr != nil {
+		derr.App = app.Name
+		derr.Destination = plan.Destination.Name
+		f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, derr)
+		return errorResponse(req, errorStatus(derr), errorBody(derr))
+	}
+
+	pre := &preDialed{conn: c}
+	defer func() {
+		if c := pre.take(); c != nil {
+			c.Close()
+		}
+	}()
+	resp, err := f.transport(app, ap).RoundTrip(outgoing(req, dialParams{destination: plan.Destination, conn: pre}))
+	if err != nil {
+		var de *DialError
+		if errors.As(err, &de) {
+			de.App = app.Name
+			de.Destination = plan.Destination.Name
+		}
+		f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.AccessPoint, ap.Name, logkey.Err, err)
+		return errorResponse(req, errorStatus(err), errorBody(err))
+	}
+	return upstreamResponse(resp)
+}
+
+// outgoing returns the request to send upstream, carrying params to the
+// transport's dial.
+func outgoing(req *http.Request, params dialParams) *http.Request {
+	out := req.WithContext(context.WithValue(req.Context(), dialParamsKey{}, params))
+	// Connection: close from the client ends the client's connection, not
+	// the pooled upstream one.
+	out.Close = false
+	return out
+}
+
+// upstreamResponse prepares an upstream response for the client.
+func upstreamResponse(resp *http.Response) *http.Response {
+	removeHopByHop(resp.Header)
+	if resp.ContentLength < 0 {
+		// goproxy flushes each piece of the body to the client only when
+		// the header says chunked; without that, a streamed response
+		// waits in http.Server's buffer. http.Server turns the field into
+		// its own framing for the client.
+		resp.Header.Set("Transfer-Encoding", "chunked")
+	}
+	return resp
 }
 
 // transport returns the transport of app on ap, creating it on first use.
@@ -157,15 +238,23 @@ func (f *httpFrontend) transport(app *policy.App, ap *policy.AccessPoint) *http.
 	return t
 }
 
-// dialPlain dials addr through ap for a pooled connection and registers it
-// in the connection table. Its errors are *dialFailure, so that roundTrip
-// can tell that nothing of the request was sent.
+// dialPlain dials addr through ap for a pooled connection, or takes the
+// one a race made, and registers it in the connection table. Its errors
+// are *dialFailure, so that roundTrip can tell that nothing of the request
+// was sent.
 func (f *httpFrontend) dialPlain(ctx context.Context, app *policy.App, ap *policy.AccessPoint, addr string) (net.Conn, error) {
+	params, _ := ctx.Value(dialParamsKey{}).(dialParams)
+	if params.conn != nil {
+		if c := params.conn.take(); c != nil {
+			return f.s.track(c, app, params.destination, f.l, addr, ap), nil
+		}
+	}
+
 	ctx, cancel := f.s.dialContext(ctx)
 	defer cancel()
-	if deadline, ok := ctx.Value(dialDeadlineKey{}).(time.Time); ok {
+	if !params.deadline.IsZero() {
 		var cancelShare context.CancelFunc
-		ctx, cancelShare = context.WithDeadline(ctx, deadline)
+		ctx, cancelShare = context.WithDeadline(ctx, params.deadline)
 		defer cancelShare()
 	}
 
@@ -184,7 +273,7 @@ func (f *httpFrontend) dialPlain(ctx context.Context, app *policy.App, ap *polic
 	if err != nil {
 		return nil, &dialFailure{err: err}
 	}
-	return f.s.track(c, app, f.l, addr, ap), nil
+	return f.s.track(c, app, params.destination, f.l, addr, ap), nil
 }
 
 // dialFailure marks an error that happened while dialling, before any byte

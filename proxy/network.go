@@ -27,8 +27,13 @@ type Dialer interface {
 // Network is the live view of the host's access points that the proxy
 // dials through. Its methods are called concurrently, on every connection.
 type Network interface {
-	// Usability returns the current snapshot of interface state.
-	Usability() policy.Usability
+	// Conditions returns what plans need to know about the access points
+	// now: usability, probe latency, hold-downs and link facts.
+	Conditions() policy.Conditions
+	// ReportDial tells how one dial through ap ended: err is nil when it
+	// connected, and otherwise the *DialError of the attempt. Dials that
+	// the client or a race abandoned are not reported. It must not block.
+	ReportDial(ap *policy.AccessPoint, err error)
 	// Dialer returns a dialer bound to ap's interface.
 	Dialer(ap *policy.AccessPoint) Dialer
 	// Resolver returns ap's own resolver.

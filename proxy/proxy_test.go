@@ -93,6 +93,13 @@ func (w testWriter) Write(p []byte) (int, error) {
 // access point b alone.
 func testPolicy(t testing.TB) *policy.Policy {
 	t.Helper()
+	return testPolicyWith(t, "")
+}
+
+// testPolicyWith is testPolicy with rules added to the destination
+// internet: YAML lines indented by four spaces, like "    select: race".
+func testPolicyWith(t testing.TB, internetRules string) *policy.Policy {
+	t.Helper()
 	hash := func(password string) string {
 		h, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.MinCost)
 		if err != nil {
@@ -142,7 +149,7 @@ access_points:
 destinations:
   internet:
     access_points: [a, b]
-`
+` + internetRules
 	p, err := policy.Parse("test.yaml", []byte(yaml))
 	if err != nil {
 		t.Fatalf("parsing test policy: %v", err)
@@ -171,6 +178,8 @@ type fakeNetwork struct {
 	unusable  map[string]string        // access point to reason
 	dialed    []string                 // "access point address", in order
 	lookups   []string                 // "access point name", in order
+	reports   []string                 // "access point ok" or "access point failed", in order
+	turn      uint64                   // round-robin counter
 }
 
 func newFakeNetwork(t testing.TB) *fakeNetwork {
@@ -202,7 +211,28 @@ func (f *fakeNetwork) resolved() []string {
 	return append([]string(nil), f.lookups...)
 }
 
-func (f *fakeNetwork) Usability() policy.Usability { return fakeUsability{f} }
+func (f *fakeNetwork) Conditions() policy.Conditions { return fakeConditions{f} }
+
+func (f *fakeNetwork) ReportDial(ap *policy.AccessPoint, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err == nil {
+		f.reports = append(f.reports, ap.Name+" ok")
+		return
+	}
+	var de *DialError
+	if !errors.As(err, &de) {
+		f.t.Errorf("ReportDial(%s) with %T, want *DialError", ap.Name, err)
+	}
+	f.reports = append(f.reports, ap.Name+" failed")
+}
+
+// dialReports returns what ReportDial was told so far.
+func (f *fakeNetwork) dialReports() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.reports...)
+}
 
 func (f *fakeNetwork) Dialer(ap *policy.AccessPoint) Dialer { return fakeDialer{f, ap.Name} }
 
@@ -210,13 +240,25 @@ func (f *fakeNetwork) Resolver(ap *policy.AccessPoint) Resolver { return fakeRes
 
 func (f *fakeNetwork) Interface(ap *policy.AccessPoint) string { return ap.Interface }
 
-type fakeUsability struct{ f *fakeNetwork }
+// fakeConditions makes every access point usable for both families
+// unless fakeNetwork.setUnusable says otherwise.
+type fakeConditions struct{ f *fakeNetwork }
 
-func (u fakeUsability) Usable(ap *policy.AccessPoint) (bool, string) {
-	u.f.mu.Lock()
-	defer u.f.mu.Unlock()
-	reason, bad := u.f.unusable[ap.Name]
-	return !bad, reason
+func (c fakeConditions) Status(ap *policy.AccessPoint) policy.Status {
+	c.f.mu.Lock()
+	defer c.f.mu.Unlock()
+	reason, bad := c.f.unusable[ap.Name]
+	return policy.Status{Usable: !bad, Reason: reason, IPv4: true, IPv6: true, Link: policy.Link{Interface: ap.Interface}}
+}
+
+func (c fakeConditions) Now() time.Time                                  { return time.Now() }
+func (c fakeConditions) Current(*policy.Destination) *policy.AccessPoint { return nil }
+
+func (c fakeConditions) Turn(*policy.Destination) uint64 {
+	c.f.mu.Lock()
+	defer c.f.mu.Unlock()
+	c.f.turn++
+	return c.f.turn - 1
 }
 
 type fakeResolver struct {

@@ -108,9 +108,9 @@ func (sess *socks5Session) Allow(ctx context.Context, req *socks5.Request) (cont
 	}
 
 	target := req.DestAddr.Address()
-	plan := policy.NewOverridePlan(app, target, sess.choice, sess.f.s.cfg.Network.Usability())
-	if err := plan.Refused(); err != nil {
-		sess.f.s.logPlanFailure(plan, target, err)
+	if err := policy.Refusal(app, target, sess.choice); err != nil {
+		sess.f.logger.Info("connection refused by policy", logkey.App, app.Name, logkey.Target, target,
+			"choice", sess.choice, logkey.Err, err)
 		return ctx, false
 	}
 	return context.WithValue(ctx, appKey{}, socks5Client{app: app, choice: sess.choice}), true

@@ -18,6 +18,7 @@ type ConnInfo struct {
 	App         string
 	Listener    string // listen address of the listener the client came in on
 	Target      string // host:port as the client sent it
+	Destination string // destination whose plan chose the access point
 	AccessPoint string
 	Interface   string
 	Started     time.Time
@@ -92,10 +93,11 @@ func (t *table) closeMatching(match func(*upstream) bool, closeTable bool) int {
 	return len(doomed)
 }
 
-// track enters c, dialled through ap for app, into the connection table and
-// returns it wrapped. When the server is already closed, the returned
-// upstream is closed too, so that the caller's first read or write fails.
-func (s *Server) track(c net.Conn, app *policy.App, l *policy.Listener, target string, ap *policy.AccessPoint) *upstream {
+// track enters c, dialled through ap of destination d for app, into the
+// connection table and returns it wrapped. When the server is already
+// closed, the returned upstream is closed too, so that the caller's first
+// read or write fails.
+func (s *Server) track(c net.Conn, app *policy.App, d *policy.Destination, l *policy.Listener, target string, ap *policy.AccessPoint) *upstream {
 	tcp, _ := c.(*net.TCPConn)
 	u := &upstream{Conn: c, tcp: tcp, s: s}
 	u.info = ConnInfo{
@@ -106,6 +108,9 @@ func (s *Server) track(c net.Conn, app *policy.App, l *policy.Listener, target s
 	}
 	if app != nil {
 		u.info.App = app.Name
+	}
+	if d != nil {
+		u.info.Destination = d.Name
 	}
 	if l != nil {
 		u.info.Listener = l.Listen
@@ -134,9 +139,16 @@ func (s *Server) CloseConn(id uint64) bool {
 // point named ap, so that their clients reconnect instead of waiting on a
 // way out that is gone. It returns how many it closed.
 func (s *Server) CloseAccessPoint(ap string) int {
-	n := s.table.closeMatching(func(u *upstream) bool { return u.info.AccessPoint == ap }, false)
+	n := s.CloseConns(func(c ConnInfo) bool { return c.AccessPoint == ap })
 	if n > 0 {
 		s.logger.Info("closed connections of access point", logkey.AccessPoint, ap, "count", n)
 	}
 	return n
+}
+
+// CloseConns closes the open connections whose row match accepts, and
+// returns how many it closed. match must not block: it runs with the
+// table locked.
+func (s *Server) CloseConns(match func(ConnInfo) bool) int {
+	return s.table.closeMatching(func(u *upstream) bool { return match(u.info) }, false)
 }

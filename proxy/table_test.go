@@ -106,7 +106,7 @@ func TestConnectionTable(t *testing.T) {
 		t.Fatalf("table has %d rows, want 1: %+v", len(rows), rows)
 	}
 	row := rows[0]
-	want := ConnInfo{ID: row.ID, App: "web", Listener: "127.0.0.1:0", Target: target.addr, AccessPoint: "a", Interface: "eth-a", Started: row.Started}
+	want := ConnInfo{ID: row.ID, App: "web", Listener: "127.0.0.1:0", Target: target.addr, Destination: "internet", AccessPoint: "a", Interface: "eth-a", Started: row.Started}
 	if row != want {
 		t.Errorf("row %+v, want %+v", row, want)
 	}
@@ -353,7 +353,7 @@ func TestRelay(t *testing.T) {
 			if err != nil {
 				t.Fatalf("dialAccessPoint: %v", err)
 			}
-			up := s.track(conn, p.Apps["web"], nil, echo, ap)
+			up := s.track(conn, p.Apps["web"], p.Apps["web"].Destination, nil, echo, ap)
 
 			kernel, user := relayCopies.Kernel.Load(), relayCopies.User.Load()
 			relayed := make(chan error, 1)
