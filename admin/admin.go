@@ -33,8 +33,9 @@ type Daemon interface {
 	Policy() *policy.Policy
 	// Snapshot returns the current interface state; nil means none known.
 	Snapshot() *iface.Snapshot
-	// Usability returns whether each access point can carry a connection.
-	Usability() policy.Usability
+	// Conditions returns the state of the access points that plans see:
+	// whether each is usable and why not, its probe and its hold-down.
+	Conditions() policy.Conditions
 	// Interface returns the interface ap sends through now.
 	Interface(ap *policy.AccessPoint) string
 	// ListenerAddr returns the address a policy listener accepts on, with

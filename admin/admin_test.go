@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"iapd/iface"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"iapd/internal/event"
 	"iapd/policy"
 	"iapd/proxy"
@@ -78,16 +80,22 @@ type fakeDaemon struct {
 
 func (d *fakeDaemon) Policy() *policy.Policy                  { return d.p }
 func (d *fakeDaemon) Snapshot() *iface.Snapshot               { return nil }
-func (d *fakeDaemon) Usability() policy.Usability             { return d }
+func (d *fakeDaemon) Conditions() policy.Conditions           { return d }
 func (d *fakeDaemon) Interface(ap *policy.AccessPoint) string { return ap.Interface }
 func (d *fakeDaemon) ListenerAddr(l *policy.Listener) string  { return l.Listen }
 
-func (d *fakeDaemon) Usable(ap *policy.AccessPoint) (bool, string) {
+// Status makes an access point usable for both families unless
+// d.unusable names it.
+func (d *fakeDaemon) Status(ap *policy.AccessPoint) policy.Status {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	reason, bad := d.unusable[ap.Name]
-	return !bad, reason
+	return policy.Status{Usable: !bad, Reason: reason, IPv4: true, IPv6: true, Link: policy.Link{Interface: ap.Interface}}
 }
+
+func (d *fakeDaemon) Now() time.Time                                  { return time.Now() }
+func (d *fakeDaemon) Current(*policy.Destination) *policy.AccessPoint { return nil }
+func (d *fakeDaemon) Turn(*policy.Destination) uint64                 { return 0 }
 
 func (d *fakeDaemon) Conns() []proxy.ConnInfo {
 	d.mu.Lock()
@@ -400,19 +408,17 @@ func TestPAC(t *testing.T) {
 	}
 }
 
-func TestWatcherPublishesChanges(t *testing.T) {
+func TestWatcherPublishes(t *testing.T) {
 	p := parseTestPolicy(t)
 	d := &fakeDaemon{p: p, unusable: map[string]string{}}
 	bus := event.NewBus()
 	events, stop := bus.Subscribe(16)
 	defer stop()
-	w := NewWatcher(bus, nil, d.Policy, nil)
+	metrics := NewMetrics(d, NewUsage(d.Conns), bus, "test")
+	w := NewWatcher(bus, metrics, d.Policy, nil)
 
-	w.Check(d) // records the state, publishes nothing
-	d.mu.Lock()
-	d.unusable["wifi"] = "interface wlan0 is down"
-	d.mu.Unlock()
-	w.Check(d)
+	w.Publish(event.Event{Kind: event.AccessPointUnusable, AccessPoint: "wifi", Reason: "interface wlan0 is down"})
+	w.Publish(event.Event{Kind: event.DestinationSwitched, Destination: "internet", From: "wifi", To: "cell"})
 
 	want := []string{
 		"access_point_unusable wifi interface wlan0 is down",
@@ -432,9 +438,7 @@ func TestWatcherPublishesChanges(t *testing.T) {
 			t.Fatalf("no event, want %q", line)
 		}
 	}
-	select {
-	case e := <-events:
-		t.Errorf("unexpected event %+v", e)
-	default:
+	if got := testutil.ToFloat64(metrics.switches.WithLabelValues("internet")); got != 1 {
+		t.Errorf("destination switches of internet = %v, want 1", got)
 	}
 }

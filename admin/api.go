@@ -68,6 +68,7 @@ type AccessPointStatus struct {
 	Device    string `json:"device"`    // the interface it sends through now
 	Usable    bool   `json:"usable"`
 	Reason    string `json:"reason,omitempty"` // why it is not usable
+	Probe     string `json:"probe,omitempty"`  // the health probe and its state; empty without one
 	// LatencyMS is the smoothed time to connect through it, from real
 	// connections; absent until one connected.
 	LatencyMS    *float64 `json:"latency_ms,omitempty"`
@@ -218,18 +219,19 @@ func (s *Server) handleAccessPoints(w http.ResponseWriter, r *http.Request) {
 func (s *Server) accessPoints() []AccessPointStatus {
 	d := s.cfg.Daemon
 	p := d.Policy()
-	usability := d.Usability()
+	conditions := d.Conditions()
 	usage := s.cfg.Usage.ByAccessPoint()
 	list := []AccessPointStatus{}
 	for _, ap := range p.AccessPointOrder {
-		ok, reason := usability.Usable(ap)
+		status := conditions.Status(ap)
 		u := usage[ap.Name]
 		st := AccessPointStatus{
 			Name:         ap.Name,
 			Interface:    ap.Interface,
 			Device:       d.Interface(ap),
-			Usable:       ok,
-			Reason:       reason,
+			Usable:       status.Usable,
+			Reason:       status.Reason,
+			Probe:        status.Probe,
 			Connections:  u.Open,
 			Total:        u.Total,
 			BytesUp:      u.BytesUp,
@@ -245,12 +247,12 @@ func (s *Server) accessPoints() []AccessPointStatus {
 }
 
 func (s *Server) handleDestinations(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, destinations(s.cfg.Daemon.Policy(), s.cfg.Daemon.Usability()))
+	writeJSON(w, destinations(s.cfg.Daemon.Policy(), s.cfg.Daemon.Conditions()))
 }
 
-func destinations(p *policy.Policy, usability policy.Usability) []DestinationStatus {
+func destinations(p *policy.Policy, conditions policy.Conditions) []DestinationStatus {
 	list := []DestinationStatus{}
-	for _, dest := range sortedDestinations(p) {
+	for _, dest := range SortedDestinations(p) {
 		st := DestinationStatus{Name: dest.Name, Implicit: dest.Implicit, AccessPoints: []string{}, Apps: []string{}}
 		for _, ap := range dest.AccessPoints {
 			st.AccessPoints = append(st.AccessPoints, ap.Name)
@@ -260,7 +262,7 @@ func destinations(p *policy.Policy, usability policy.Usability) []DestinationSta
 				st.Apps = append(st.Apps, app.Name)
 			}
 		}
-		st.Current, st.Reason = currentChoice(dest, usability)
+		st.Current, st.Reason = currentChoice(dest, conditions)
 		list = append(list, st)
 	}
 	return list
@@ -268,8 +270,8 @@ func destinations(p *policy.Policy, usability policy.Usability) []DestinationSta
 
 // currentChoice returns the access point that a new connection to dest
 // would try first, or why there is none.
-func currentChoice(dest *policy.Destination, usability policy.Usability) (string, string) {
-	plan := policy.NewPlan(&policy.App{Destination: dest}, "", usability)
+func currentChoice(dest *policy.Destination, conditions policy.Conditions) (string, string) {
+	plan := policy.PlanDestination(dest, conditions)
 	if err := plan.Err(); err != nil {
 		return "", err.Error()
 	}
@@ -338,7 +340,7 @@ func (s *Server) handleCloseConn(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) handleExplain(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	ex, err := Explain(s.cfg.Daemon.Policy(), s.cfg.Daemon.Usability(), s.cfg.Daemon.Interface, q.Get("app"), q.Get("target"))
+	ex, err := Explain(s.cfg.Daemon.Policy(), s.cfg.Daemon.Conditions(), s.cfg.Daemon.Interface, q.Get("app"), q.Get("target"))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err)
 		return
@@ -400,7 +402,9 @@ func sortedApps(p *policy.Policy) []*policy.App {
 	return apps
 }
 
-func sortedDestinations(p *policy.Policy) []*policy.Destination {
+// SortedDestinations returns p's destinations ordered by name, for a
+// stable order in lists and events.
+func SortedDestinations(p *policy.Policy) []*policy.Destination {
 	dests := make([]*policy.Destination, 0, len(p.Destinations))
 	for _, d := range p.Destinations {
 		dests = append(dests, d)

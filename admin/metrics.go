@@ -184,16 +184,16 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 
 	p := c.d.Policy()
-	usability := c.d.Usability()
+	conditions := c.d.Conditions()
 	for _, ap := range p.AccessPointOrder {
 		v := 0.0
-		if ok, _ := usability.Usable(ap); ok {
+		if conditions.Status(ap).Usable {
 			v = 1
 		}
 		ch <- prometheus.MustNewConstMetric(usableDesc, prometheus.GaugeValue, v, ap.Name, ap.Interface)
 	}
-	for _, dest := range sortedDestinations(p) {
-		if current, _ := currentChoice(dest, usability); current != "" {
+	for _, dest := range SortedDestinations(p) {
+		if current, _ := currentChoice(dest, conditions); current != "" {
 			ch <- prometheus.MustNewConstMetric(currentDesc, prometheus.GaugeValue, 1, dest.Name, current)
 		}
 	}

@@ -35,7 +35,7 @@ func (s *Server) pageState() PageState {
 		Status:       s.status(),
 		Interfaces:   interfaces(d.Snapshot()),
 		AccessPoints: s.accessPoints(),
-		Destinations: destinations(d.Policy(), d.Usability()),
+		Destinations: destinations(d.Policy(), d.Conditions()),
 		Apps:         s.apps(),
 		Connections:  s.conns(time.Now()),
 	}

@@ -32,6 +32,8 @@ type daemon struct {
 	bus          *event.Bus
 	links        *iface.Manager
 	network      *network
+	health       *iface.Health
+	supervisor   *supervisor
 	dnsListeners []*dns.Listener // per-app DNS listeners, opened at start
 	proxy        *proxy.Server
 	usage        *admin.Usage
@@ -93,9 +95,17 @@ func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (_
 	if err != nil {
 		return nil, err
 	}
+	d.health = d.network.startHealth(pol, logger)
+
+	// Events flow from here on: interface changes from the monitor, and
+	// access point changes from the health, which the supervisor turns
+	// into events, destination switches and closed connections.
 	d.watcher = admin.NewWatcher(d.bus, d.metrics, d.Policy, logger)
-	d.watcher.Check(d.links.Snapshot())
 	d.links.Monitor().RegisterChangeCallback(d.watcher.Changed)
+	d.supervisor = newSupervisor(pol, d.watcher.Publish, d.network.conditions.Load, d.proxy.CloseConns)
+	d.health.RegisterChangeCallback(d.supervisor.accessPointChanged)
+	d.supervisor.evaluate()
+	logUsability(logger, pol, d.health)
 
 	// Every socket is opened before any is served, so that a busy port
 	// stops the start instead of leaving a half-running daemon.
@@ -238,6 +248,12 @@ func (d *daemon) close() {
 	if d.socket != "" {
 		os.Remove(d.socket)
 	}
+	if d.supervisor != nil {
+		d.supervisor.stop()
+	}
+	if d.health != nil {
+		d.health.Close()
+	}
 	if d.links != nil {
 		if err := d.links.Close(); err != nil {
 			d.logger.Error("removing routing tables and rules failed", logkey.Err, err)
@@ -270,7 +286,7 @@ func (d *daemon) Reload() (*admin.ReloadReport, error) {
 
 func (d *daemon) Policy() *policy.Policy                  { return d.pol.Load() }
 func (d *daemon) Snapshot() *iface.Snapshot               { return d.links.Snapshot() }
-func (d *daemon) Usability() policy.Usability             { return d.links.Snapshot() }
+func (d *daemon) Conditions() policy.Conditions           { return d.network.Conditions() }
 func (d *daemon) Interface(ap *policy.AccessPoint) string { return d.network.Interface(ap) }
 func (d *daemon) Conns() []proxy.ConnInfo                 { return d.proxy.Conns() }
 func (d *daemon) CloseConn(id uint64) bool                { return d.proxy.CloseConn(id) }
@@ -291,7 +307,10 @@ func (d *daemon) listenerAddr(l *policy.Listener) string {
 // created after the proxy, which needs the network only once it serves.
 type daemonNetwork daemon
 
-func (n *daemonNetwork) Usability() policy.Usability { return n.links.Snapshot() }
+func (n *daemonNetwork) Conditions() policy.Conditions { return n.network.Conditions() }
+func (n *daemonNetwork) ReportDial(ap *policy.AccessPoint, err error) {
+	n.network.ReportDial(ap, err)
+}
 func (n *daemonNetwork) Dialer(ap *policy.AccessPoint) proxy.Dialer {
 	return n.network.Dialer(ap)
 }
@@ -333,4 +352,17 @@ func firstLine(s string) string {
 		return first + fmt.Sprintf(" (and %d more)", strings.Count(rest, "\n")+1)
 	}
 	return first
+}
+
+// logUsability logs at start which access points are usable, and why the
+// others are not.
+func logUsability(logger *slog.Logger, pol *policy.Policy, health *iface.Health) {
+	for _, ap := range pol.AccessPointOrder {
+		st := health.Status(ap)
+		if st.Usable {
+			logger.Info("access point usable", logkey.AccessPoint, ap.Name, logkey.Interface, st.Link.Interface)
+			continue
+		}
+		logger.Info("access point not usable yet", logkey.AccessPoint, ap.Name, logkey.Interface, st.Link.Interface, "reason", st.Reason)
+	}
 }

@@ -2,11 +2,16 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
+	"os"
 	"slices"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"iapd/admin"
@@ -17,21 +22,27 @@ import (
 	"iapd/proxy"
 )
 
-// network joins the interface manager and one resolver per access point
-// into the view the proxy dials through. A reload replaces the resolvers;
-// those of the previous policy stay reachable for dials that started
-// before it, as the manager's dialers do.
+// network joins the interface manager, the health of the access points
+// and one resolver per access point into the view the proxy dials
+// through. A reload replaces the resolvers; those of the previous policy
+// stay reachable for dials that started before it, as the manager's
+// dialers do.
 type network struct {
 	links   *iface.Manager
 	metrics *admin.Metrics // nil counts nothing
 	logger  *slog.Logger
-	watcher *dns.Watcher // of the dns: auto links of the current policy; nil when none
+	watcher *dns.Watcher  // of the dns: auto links of the current policy; nil when none
+	health  *iface.Health // set by startHealth
 
-	resolvers atomic.Pointer[resolverSet]
+	resolvers  atomic.Pointer[resolverSet]
+	conditions atomic.Pointer[conditions] // of the current policy; set by startHealth
 }
 
 type resolverSet struct {
 	cur, prev map[*policy.AccessPoint]*timedResolver
+	// probes ask the servers of access points with a dns probe, with the
+	// cache turned off, so that a cached answer cannot pass the probe.
+	probes map[*policy.AccessPoint]*dns.Resolver
 }
 
 func newNetwork(pol *policy.Policy, links *iface.Manager, metrics *admin.Metrics, logger *slog.Logger) *network {
@@ -56,9 +67,15 @@ func (n *network) update(pol *policy.Policy) {
 			cur[ap] = &timedResolver{ap: ap, r: r.r, metrics: n.metrics}
 			continue
 		}
-		cur[ap] = &timedResolver{ap: ap, r: n.newResolver(ap), metrics: n.metrics}
+		cur[ap] = &timedResolver{ap: ap, r: n.newResolver(ap, 0), metrics: n.metrics}
 	}
-	n.resolvers.Store(&resolverSet{cur: cur, prev: old})
+	probes := make(map[*policy.AccessPoint]*dns.Resolver)
+	for _, ap := range pol.AccessPointOrder {
+		if ap.Probe != nil && ap.Probe.Kind == policy.ProbeDNS {
+			probes[ap] = n.newResolver(ap, -1)
+		}
+	}
+	n.resolvers.Store(&resolverSet{cur: cur, prev: old, probes: probes})
 
 	for _, ap := range pol.AccessPointOrder {
 		switch {
@@ -74,6 +91,39 @@ func (n *network) update(pol *policy.Policy) {
 		n.watcher.Close()
 	}
 	n.watcher = watchAutoDNS(context.Background(), pol, cur, dns.DiscoverConfig{Logger: n.logger}, n.logger)
+
+	if n.health != nil {
+		n.conditions.Store(newConditions(pol, n.health, n.conditions.Load()))
+		n.health.Update(pol)
+	}
+}
+
+// startHealth starts following the access points' health, probes
+// included, and the conditions that plans see. The caller closes the
+// returned Health.
+func (n *network) startHealth(pol *policy.Policy, logger *slog.Logger) *iface.Health {
+	n.health = iface.NewHealth(iface.HealthConfig{
+		Policy:  pol,
+		Manager: n.links,
+		Resolve: n.lookup,
+		Query:   n.query,
+		Logger:  logger,
+	})
+	n.conditions.Store(newConditions(pol, n.health, nil))
+	return n.health
+}
+
+// lookup resolves host with ap's resolver, for the names in probes.
+func (n *network) lookup(ctx context.Context, ap *policy.AccessPoint, host string) ([]netip.Addr, error) {
+	return n.Resolver(ap).LookupNetIP(ctx, host)
+}
+
+// query resolves host for ap's dns probe, asking its servers.
+func (n *network) query(ctx context.Context, ap *policy.AccessPoint, host string) ([]netip.Addr, error) {
+	if r, ok := n.resolvers.Load().probes[ap]; ok {
+		return r.LookupNetIP(ctx, host)
+	}
+	return n.Resolver(ap).LookupNetIP(ctx, host)
 }
 
 // close stops following the DNS configuration of dns: auto links.
@@ -83,7 +133,9 @@ func (n *network) close() {
 	}
 }
 
-func (n *network) newResolver(ap *policy.AccessPoint) *dns.Resolver {
+// newResolver returns a resolver of ap with cacheSize as dns.Config has
+// it: 0 for the default, negative for no cache.
+func (n *network) newResolver(ap *policy.AccessPoint, cacheSize int) *dns.Resolver {
 	if ap.SystemDNS {
 		return dns.System()
 	}
@@ -93,12 +145,13 @@ func (n *network) newResolver(ap *policy.AccessPoint) *dns.Resolver {
 	// access point keeps its interface, sources and mark.
 	dialer := n.links.Dialer(ap)
 	return dns.New(dns.Config{
-		Name:     ap.Name,
-		Servers:  ap.DNS,
-		Search:   ap.Search,
-		Timeouts: ap.DNSTimeouts,
-		Dial:     dialer.DialContext,
-		Logger:   n.logger,
+		Name:      ap.Name,
+		Servers:   ap.DNS,
+		Search:    ap.Search,
+		Timeouts:  ap.DNSTimeouts,
+		Dial:      dialer.DialContext,
+		Logger:    n.logger,
+		CacheSize: cacheSize,
 	})
 }
 
@@ -115,7 +168,40 @@ func sameDNS(a, b *policy.AccessPoint) bool {
 		slices.Equal(a.Gateways, b.Gateways)
 }
 
-func (n *network) Usability() policy.Usability { return n.links.Snapshot() }
+// Conditions returns what plans see of the access points now.
+func (n *network) Conditions() policy.Conditions { return n.conditions.Load() }
+
+// ReportDial passes the outcome of a dial to the access point's health. A
+// failure that points at the access point counts against it. Anything that
+// shows that the way out works clears the count: a connection, a refusal
+// by the target, a name that does not exist.
+func (n *network) ReportDial(ap *policy.AccessPoint, err error) {
+	if isAccessPointFailure(err) {
+		n.health.DialFailed(ap, err)
+		return
+	}
+	n.health.DialSucceeded(ap)
+}
+
+// isAccessPointFailure reports whether a dial error shows that the access
+// point, rather than the target, could not carry the connection: a
+// timeout, no route, or DNS servers that did not answer.
+func isAccessPointFailure(err error) bool {
+	var ne net.Error
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, dns.ErrNoAnswer),
+		errors.Is(err, syscall.ENETUNREACH),
+		errors.Is(err, syscall.EHOSTUNREACH),
+		errors.Is(err, context.DeadlineExceeded),
+		errors.Is(err, os.ErrDeadlineExceeded):
+		return true
+	case errors.As(err, &ne) && ne.Timeout():
+		return true
+	}
+	return false
+}
 
 func (n *network) Dialer(ap *policy.AccessPoint) proxy.Dialer { return n.links.Dialer(ap) }
 
@@ -212,7 +298,7 @@ func watchAutoDNS(ctx context.Context, pol *policy.Policy, resolvers map[*policy
 // may answer for key (a name, or the address of a reverse lookup): those
 // of the usable access points of the destination that app's routes choose.
 func (n *network) resolveRoute(app *policy.App, key string) ([]*dns.Resolver, []string, error) {
-	plan := policy.NewResolvePlan(app, key, n.Usability())
+	plan := policy.NewResolvePlan(app, key, n.Conditions())
 	if err := plan.Refused(); err != nil {
 		return nil, nil, fmt.Errorf("%w: %w", dns.ErrRefused, err)
 	}
@@ -274,4 +360,72 @@ func startDNSListeners(pol *policy.Policy, n *network, appOf func(string) *polic
 		listeners = append(listeners, dl)
 	}
 	return listeners, nil
+}
+
+// conditions is the daemon's policy.Conditions for one policy: the health
+// of the access points, the clock, what each destination prefers now (kept
+// by the supervisor) and the round-robin counters. It is safe for
+// concurrent use.
+type conditions struct {
+	health interface {
+		Status(*policy.AccessPoint) policy.Status
+	}
+	turns map[*policy.Destination]*atomic.Uint64 // one per destination, made at start
+
+	mu      sync.Mutex // protects current
+	current map[*policy.Destination]*policy.AccessPoint
+}
+
+// newConditions returns the conditions of pol. What the destinations of
+// prev preferred carries over, by name, to those of pol.
+func newConditions(pol *policy.Policy, health interface {
+	Status(*policy.AccessPoint) policy.Status
+}, prev *conditions) *conditions {
+	c := &conditions{
+		health:  health,
+		turns:   make(map[*policy.Destination]*atomic.Uint64, len(pol.Destinations)),
+		current: make(map[*policy.Destination]*policy.AccessPoint),
+	}
+	for _, d := range pol.Destinations {
+		c.turns[d] = new(atomic.Uint64)
+	}
+	if prev == nil {
+		return c
+	}
+	prev.mu.Lock()
+	defer prev.mu.Unlock()
+	for d, ap := range prev.current {
+		nd, ok := pol.Destinations[d.Name]
+		if !ok || ap == nil {
+			continue
+		}
+		if nap, ok := pol.AccessPoints[ap.Name]; ok && slices.Contains(nd.AccessPoints, nap) {
+			c.current[nd] = nap
+		}
+	}
+	return c
+}
+
+func (c *conditions) Status(ap *policy.AccessPoint) policy.Status { return c.health.Status(ap) }
+
+func (c *conditions) Now() time.Time { return time.Now() }
+
+func (c *conditions) Current(d *policy.Destination) *policy.AccessPoint {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.current[d]
+}
+
+func (c *conditions) setCurrent(d *policy.Destination, ap *policy.AccessPoint) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.current[d] = ap
+}
+
+func (c *conditions) Turn(d *policy.Destination) uint64 {
+	t, ok := c.turns[d]
+	if !ok {
+		return 0
+	}
+	return t.Add(1) - 1
 }

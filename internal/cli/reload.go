@@ -51,6 +51,7 @@ func (d *daemon) reloadLocked() (*admin.ReloadReport, error) {
 	}
 
 	// From here on nothing fails: the new policy takes over.
+	d.supervisor.update(p)
 	d.network.update(p)
 	d.pol.Store(p)
 	report := &admin.ReloadReport{
@@ -65,7 +66,7 @@ func (d *daemon) reloadLocked() (*admin.ReloadReport, error) {
 		d.swapWeb(web, p.Control.HTTP)
 	}
 	report.ConnectionsClosed = d.closeChangedAccessPoints(old, p)
-	d.watcher.Check(d.links.Snapshot())
+	d.supervisor.evaluate()
 	return report, nil
 }
 
