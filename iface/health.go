@@ -263,26 +263,12 @@ func (h *Health) linkStatus(s *Snapshot, ap *policy.AccessPoint) (bool, policy.S
 	var st policy.Status
 	st.Usable, st.Reason = s.Usable(ap)
 	st.IPv4, st.IPv6 = s.Families(ap)
-	st.Link = h.link(s, ap)
+	st.Link = s.Link(h.cfg.Policy, ap)
 	if st.Usable && !h.cfg.Manager.RoutesReady(ap) {
 		st.Usable = false
 		st.Reason = fmt.Sprintf("routing table %d of interface %s is not installed yet", h.cfg.Policy.Routing.Table+ap.Index, ap.Interface)
 	}
 	return st.Usable, st
-}
-
-// link returns the facts of the interface ap sends through now: its own,
-// or for interface: default the one that holds the default route.
-func (h *Health) link(s *Snapshot, ap *policy.AccessPoint) policy.Link {
-	if !ap.IsDefault() {
-		return h.cfg.Policy.Link(ap.Interface)
-	}
-	for _, v6 := range []bool{false, true} {
-		if ifc, _, ok := s.Default(v6); ok {
-			return h.cfg.Policy.Link(ifc.Name)
-		}
-	}
-	return policy.Link{Interface: policy.DefaultInterface}
 }
 
 // differs reports whether b is a change worth telling from a: everything
@@ -328,7 +314,7 @@ func (h *Health) probeLoop(ap *policy.AccessPoint, st *apHealth) {
 // probeOnce sends ap's probe, records the result and updates the statuses.
 func (h *Health) probeOnce(ap *policy.AccessPoint, st *apHealth) {
 	ctx, cancel := context.WithTimeout(h.ctx, ap.Probe.Timeout)
-	rtt, err := sendProbe(ctx, ap, h.cfg.Manager.Dialer(ap), h.cfg.Resolve, h.cfg.Query)
+	rtt, err := SendProbe(ctx, ap, h.cfg.Manager.Dialer(ap), h.cfg.Resolve, h.cfg.Query)
 	cancel()
 	if h.ctx.Err() != nil {
 		return

@@ -265,6 +265,21 @@ func canCarry(ap *policy.AccessPoint, ifc *Interface, v6 bool) bool {
 	return false
 }
 
+// Link returns the facts that p gives about the interface ap sends
+// through in this snapshot: its own, or for interface: default the one
+// that holds the default route, IPv4 first.
+func (s *Snapshot) Link(p *policy.Policy, ap *policy.AccessPoint) policy.Link {
+	if !ap.IsDefault() {
+		return p.Link(ap.Interface)
+	}
+	for _, v6 := range []bool{false, true} {
+		if ifc, _, ok := s.Default(v6); ok {
+			return p.Link(ifc.Name)
+		}
+	}
+	return policy.Link{Interface: policy.DefaultInterface}
+}
+
 // equal reports whether s and o describe the same state.
 func (s *Snapshot) equal(o *Snapshot) bool {
 	if s == nil || o == nil {

@@ -61,6 +61,15 @@ type routeKeeper interface {
 	isReady(ap *policy.AccessPoint) bool
 }
 
+// NewDialer returns a dialer of ap, an access point of p, that binds and
+// marks its sockets as a Manager's dialer does, but belongs to no Manager:
+// it installs nothing, so the mark selects a table only while an iapd with
+// the same policy runs. It is for one-off checks such as probes sent by
+// "iapd explain".
+func NewDialer(p *policy.Policy, ap *policy.AccessPoint, m *Monitor) *Dialer {
+	return newDialers(p, assignSlots(p, nil), m, nil)[ap]
+}
+
 // newDialers makes the dialers of p's access points, which slots gives
 // their mark offsets. routesReady, when not nil, reports whether an access
 // point's table is installed.

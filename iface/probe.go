@@ -142,11 +142,12 @@ func (p *probeState) describe(cfg *policy.Probe) string {
 	return what + ": not sent yet"
 }
 
-// sendProbe sends ap's probe once through d and returns the round trip:
+// SendProbe sends ap's probe once through d and returns the round trip:
 // the connect for tcp, until the response header for http, the lookup for
 // dns. Names of tcp and http probes are resolved with resolve, the name of
-// a dns probe with query.
-func sendProbe(ctx context.Context, ap *policy.AccessPoint, d *Dialer, resolve, query LookupFunc) (time.Duration, error) {
+// a dns probe with query. Health sends probes itself; SendProbe is for
+// one-off checks.
+func SendProbe(ctx context.Context, ap *policy.AccessPoint, d *Dialer, resolve, query LookupFunc) (time.Duration, error) {
 	p := ap.Probe
 	start := time.Now()
 	switch p.Kind {

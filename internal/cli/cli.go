@@ -35,8 +35,8 @@ commands:
   reload    load the policy file again without dropping connections
   explain   show which access point a connection would use:
                                                      iapd explain -app NAME -target HOST:PORT
-            without a daemon, with routes and DNS sources:
-                                                     iapd explain -c FILE -app NAME -target HOST:PORT
+            without a daemon, with routes, DNS sources and probes:
+                                                     iapd explain -c FILE -app NAME -target HOST:PORT [-probe]
   wait      block until something is usable:         iapd wait -access-point NAME [-timeout 30s]
                                                      iapd wait -destination NAME [-timeout 30s]
   version   print the version

@@ -396,21 +396,28 @@ func explainCommand(args []string, stdout, stderr io.Writer) error {
 
 func printExplanation(w io.Writer, ex *admin.Explanation) {
 	fmt.Fprintf(w, "app %s connecting to %s uses destination %s\n", ex.App, ex.Target, ex.Destination)
+	if ex.Rules != "" {
+		fmt.Fprintf(w, "rules: %s\n", ex.Rules)
+	}
+	if ex.Requires != "" {
+		fmt.Fprintf(w, "requires: %s\n", ex.Requires)
+	}
 	t := newTable(w, "ORDER", "ACCESS POINT", "INTERFACE", "STATE")
 	for _, ap := range ex.AccessPoints {
 		order := "-"
 		if ap.Order > 0 {
 			order = strconv.Itoa(ap.Order)
 		}
-		state := "usable"
-		if !ap.Usable {
-			state = "unusable: " + ap.Reason
-		}
-		t.row(order, ap.Name, ap.Interface, state)
+		t.row(order, ap.Name, ap.Interface, explainedState(ap))
 	}
 	t.flush()
+	for _, ap := range ex.AccessPoints {
+		if ap.Probe != "" {
+			fmt.Fprintf(w, "probe of %s: %s\n", ap.Name, ap.Probe)
+		}
+	}
 	if ex.Chosen != "" {
-		fmt.Fprintf(w, "a new connection goes through %s now\n", ex.Chosen)
+		fmt.Fprintf(w, "a new connection goes through %s now: %s\n", ex.Chosen, ex.Why)
 	} else {
 		fmt.Fprintf(w, "a new connection would be refused now: %s\n", ex.Error)
 	}
