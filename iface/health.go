@@ -61,6 +61,7 @@ type Health struct {
 type apHealth struct {
 	status     policy.Status
 	everUsable bool          // usable at some time since start, so a return is held down
+	ifindex    int           // of the interface when last seen; 0 for none or interface: default
 	kick       chan struct{} // wakes its prober; capacity 1
 
 	probe probeState
@@ -214,6 +215,9 @@ func (h *Health) update() {
 	}
 	for _, ap := range h.cfg.Policy.AccessPointOrder {
 		st := h.aps[ap]
+		if c, ok := h.recreatedLocked(s, ap, st); ok {
+			changes = append(changes, c)
+		}
 		linkOK, next := h.linkStatus(s, ap)
 		switch {
 		case !linkOK && st.probe.linkOK:
@@ -257,6 +261,37 @@ func (h *Health) update() {
 	}
 }
 
+// recreatedLocked notices that ap's interface was deleted and created
+// again between two reads, which leaves no snapshot where it is missing.
+// Connections over the old interface are dead, and a probe result of it
+// says nothing about the new one, so a usable access point counts as lost
+// for a moment: it returns that change, and the update that follows
+// brings the access point back.
+func (h *Health) recreatedLocked(s *Snapshot, ap *policy.AccessPoint, st *apHealth) (Change, bool) {
+	idx := 0
+	if ifc, ok := s.Interface(ap.Interface); ok && !ap.IsDefault() {
+		idx = ifc.Index
+	}
+	old := st.ifindex
+	st.ifindex = idx
+	if old == 0 || idx == 0 || old == idx {
+		return Change{}, false
+	}
+
+	st.probe.reset()
+	st.probe.linkOK = false
+	if !st.status.Usable {
+		return Change{}, false
+	}
+	lost := st.status
+	lost.Usable = false
+	lost.Reason = fmt.Sprintf("interface %s was re-created with index %d", ap.Interface, idx)
+	lost.Latency = 0
+	c := Change{AccessPoint: ap, Old: st.status, New: lost}
+	st.status = lost
+	return c, true
+}
+
 // linkStatus returns the status of ap as interface state and routing
 // tables give it, and whether those let the probe run.
 func (h *Health) linkStatus(s *Snapshot, ap *policy.AccessPoint) (bool, policy.Status) {
@@ -287,7 +322,9 @@ func kick(c chan struct{}) {
 }
 
 // probeLoop probes ap every interval while its link is usable, and at
-// once when kicked.
+// once when kicked. Probes start an interval apart, not an interval after
+// the previous one ended, so that failures in a row take the access point
+// down within interval × failures plus one timeout.
 func (h *Health) probeLoop(ap *policy.AccessPoint, st *apHealth) {
 	defer h.wg.Done()
 	p := ap.Probe
@@ -301,13 +338,14 @@ func (h *Health) probeLoop(ap *policy.AccessPoint, st *apHealth) {
 		case <-st.kick:
 		}
 
+		start := time.Now()
 		h.mu.Lock()
 		linkOK := st.probe.linkOK
 		h.mu.Unlock()
 		if linkOK {
 			h.probeOnce(ap, st)
 		}
-		timer.Reset(p.Interval)
+		timer.Reset(time.Until(start.Add(p.Interval)))
 	}
 }
 

@@ -369,3 +369,31 @@ func TestHealthPausesProbeWhileLinkDown(t *testing.T) {
 	b.setState(wlanSnapshot(true))
 	waitStatus(t, b.h, wifi, "probe after link up", isUsable)
 }
+
+func TestHealthRecreatedInterface(t *testing.T) {
+	wifi := &policy.AccessPoint{Name: "wifi", Interface: "wlan0"}
+	b := newHealthBed(t, testPolicy(wifi), wlanSnapshot(true), HealthConfig{})
+
+	recreated := newSnapshot([]Interface{{Index: 9, Name: "wlan0", Up: true, Carrier: true,
+		Addrs: mustPrefixes("192.0.2.2/24"), Preferred: mustAddrs("192.0.2.2")}},
+		[]defaultRoute{{IfIndex: 9, Gateway: netip.MustParseAddr("192.0.2.1")}})
+	before := time.Now()
+	b.setState(recreated)
+	st := waitStatus(t, b.h, wifi, "return after re-creation", func(st policy.Status) bool { return st.Usable && !st.Since.IsZero() })
+	if st.Since.Before(before) {
+		t.Errorf("since = %v, want the time of the re-creation (after %v)", st.Since, before)
+	}
+
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var got []string
+	for _, c := range b.changes {
+		if c.UsableChanged() {
+			got = append(got, fmt.Sprintf("usable=%v %s", c.New.Usable, c.New.Reason))
+		}
+	}
+	want := []string{"usable=false interface wlan0 was re-created with index 9", "usable=true "}
+	if strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Errorf("changes %q, want %q", got, want)
+	}
+}

@@ -311,6 +311,7 @@ func (k *tableKeeper) update(bound []*policy.AccessPoint, slots map[string]int, 
 	}
 	k.setReadyLocked(rulesOK, k.reconcileRoutesLocked(s))
 	k.checkReversePathFilterLocked(s)
+	k.checkLooseFilterLocked(s)
 }
 
 // isOwnRule reports whether r looks like a rule iapd installs: a mark in
@@ -463,6 +464,7 @@ func (k *tableKeeper) reconcile(s *Snapshot) {
 	rulesOK := k.reconcileRulesLocked()
 	k.setReadyLocked(rulesOK, k.reconcileRoutesLocked(s))
 	k.checkReversePathFilterLocked(s)
+	k.checkLooseFilterLocked(s)
 }
 
 // setReadyLocked records which bound access points have their rules and
@@ -708,6 +710,37 @@ func (k *tableKeeper) checkReversePathFilterLocked(s *Snapshot) {
 		k.logger.Warn("strict reverse path filtering drops replies that arrive on a non-default interface",
 			logkey.AccessPoint, ap.Name, logkey.Interface, ifc.Name, "sysctl", name, "value", 1,
 			"fix", "set "+name+"=2 (loose)")
+	}
+}
+
+// checkLooseFilterLocked warns, once until the condition ends, for each
+// bound access point whose interface has loose reverse path filtering
+// while the main table has no IPv4 default route. Loose mode accepts a
+// packet when the main table has a route back to its source through any
+// interface, so without a default route it drops every reply from an
+// off-link address, on every interface.
+func (k *tableKeeper) checkLooseFilterLocked(s *Snapshot) {
+	_, _, hasDefault := s.Default(false)
+	for _, ap := range k.bound {
+		key := "loose rp_filter " + ap.Name
+		ifc, ok := s.Interface(ap.Interface)
+		if hasDefault || !ok || !ifc.Up {
+			delete(k.warned, key)
+			continue
+		}
+		if k.warned[key] {
+			continue
+		}
+		all, errAll := readSysctlInt(filepath.Join(procSysNet, "ipv4/conf/all/rp_filter"))
+		own, errOwn := readSysctlInt(filepath.Join(procSysNet, "ipv4/conf", ifc.Name, "rp_filter"))
+		if errAll != nil || errOwn != nil || max(all, own) != 2 {
+			continue
+		}
+		k.warned[key] = true
+		k.logger.Warn("the main table has no IPv4 default route, so loose reverse path filtering drops replies from off-link addresses",
+			logkey.AccessPoint, ap.Name, logkey.Interface, ifc.Name,
+			"fix", "keep a default route of any metric in the main table, or set net.ipv4.conf.all.rp_filter=0 and net.ipv4.conf."+
+				strings.ReplaceAll(ifc.Name, ".", "/")+".rp_filter=0")
 	}
 }
 

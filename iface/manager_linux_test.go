@@ -2,6 +2,7 @@ package iface
 
 import (
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"testing"
@@ -126,6 +127,50 @@ func TestReversePathFilterWarning(t *testing.T) {
 			}
 			if got := logs.matching("sysctl="+tt.want, "interface=cell", "access_point=cell", `fix="set `+tt.want+`=2 (loose)"`); len(got) != 1 {
 				t.Errorf("warning %q does not name sysctl %s with its fix", warnings[0], tt.want)
+			}
+		})
+	}
+}
+
+func TestLooseFilterWarning(t *testing.T) {
+	withDefault := newSnapshot([]Interface{{Index: 4, Name: "cell", Up: true}, {Index: 5, Name: "wlan0", Up: true}},
+		[]defaultRoute{{IfIndex: 5, Gateway: netip.MustParseAddr("192.0.2.1")}})
+	withoutDefault := newSnapshot([]Interface{{Index: 4, Name: "cell", Up: true}, {Index: 5, Name: "wlan0", Up: false}}, nil)
+	tests := []struct {
+		name      string
+		all, own  string
+		snapshots []*Snapshot
+		want      int // warnings
+	}{
+		{name: "loose without default route", all: "2", own: "0", snapshots: []*Snapshot{withoutDefault, withoutDefault}, want: 1},
+		{name: "warned again after a default route came and went", all: "0", own: "2", snapshots: []*Snapshot{withoutDefault, withDefault, withoutDefault}, want: 2},
+		{name: "loose with default route", all: "2", own: "2", snapshots: []*Snapshot{withDefault}},
+		{name: "off without default route", all: "0", own: "0", snapshots: []*Snapshot{withoutDefault}},
+		{name: "strict is warned about elsewhere", all: "1", own: "0", snapshots: []*Snapshot{withoutDefault}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			for name, value := range map[string]string{"all": tt.all, "cell": tt.own} {
+				path := filepath.Join(dir, "ipv4/conf", name, "rp_filter")
+				if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(path, []byte(value+"\n"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			replace(t, &procSysNet, dir)
+
+			logger, logs := newTestLogger(t)
+			ap := &policy.AccessPoint{Name: "cell", Interface: "cell", Index: 1}
+			k := &tableKeeper{logger: logger, bound: []*policy.AccessPoint{ap}, warned: make(map[string]bool)}
+			for _, s := range tt.snapshots {
+				k.checkLooseFilterLocked(s)
+			}
+			got := logs.matching("level=WARN", "loose reverse path filtering drops replies", "access_point=cell", "net.ipv4.conf.cell.rp_filter=0")
+			if len(got) != tt.want {
+				t.Errorf("logged %d warnings, want %d: %q", len(got), tt.want, got)
 			}
 		})
 	}

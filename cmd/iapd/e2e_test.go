@@ -91,6 +91,8 @@ access_points:
 destinations:
   cell-first:
     access_points: [cell, wifi]
+    # These tests are about binding, not fail-back: go back at once.
+    hold_down: 0s
 `
 
 var otaHash = sync.OnceValue(func() string {

@@ -21,8 +21,8 @@ import (
 )
 
 // Numbers of the routing tables and rules iapd installs with the policy's
-// default routing settings: table RoutingTable+i for access point i, rules
-// at RulePriority.
+// default routing settings: table RoutingTable+i for access point i, lookup
+// rules at RulePriority and unreachable rules right after.
 const (
 	RoutingTable    = 18100
 	RoutingTableMax = RoutingTable + 255 // highest table number checked for leftovers
@@ -238,6 +238,94 @@ func (d *Iapd) readLog(r io.Reader, sink *logSink) {
 	io.Copy(io.Discard, r)
 }
 
+// LogRecord is one JSON record of iapd's log.
+type LogRecord struct {
+	Time  time.Time
+	Level string
+	Msg   string
+	Attrs map[string]any // every other key, as JSON decoded it
+}
+
+// Attr returns the attribute key as a string, or "" when it is absent.
+func (r LogRecord) Attr(key string) string {
+	v, ok := r.Attrs[key]
+	if !ok {
+		return ""
+	}
+	if s, ok := v.(string); ok {
+		return s
+	}
+	return fmt.Sprint(v)
+}
+
+// Records returns iapd's log records so far whose message is msg and
+// whose attributes include attrs, oldest first.
+func (d *Iapd) Records(msg string, attrs map[string]string) []LogRecord {
+	d.mu.Lock()
+	lines := append([]string(nil), d.logs...)
+	d.mu.Unlock()
+
+	var found []LogRecord
+	for _, line := range lines {
+		var fields map[string]any
+		if json.Unmarshal([]byte(line), &fields) != nil || fields["msg"] != msg {
+			continue
+		}
+		rec := LogRecord{Msg: msg, Attrs: fields}
+		rec.Level, _ = fields["level"].(string)
+		if ts, ok := fields["time"].(string); ok {
+			rec.Time, _ = time.Parse(time.RFC3339Nano, ts)
+		}
+		matches := true
+		for k, v := range attrs {
+			if rec.Attr(k) != v {
+				matches = false
+			}
+		}
+		if matches {
+			found = append(found, rec)
+		}
+	}
+	return found
+}
+
+// WaitRecord waits until iapd logs a record like Records finds that is
+// later than after, and returns the first. It fails t when none comes
+// within timeout.
+func (d *Iapd) WaitRecord(t testing.TB, timeout time.Duration, after time.Time, msg string, attrs map[string]string) LogRecord {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		for _, rec := range d.Records(msg, attrs) {
+			if rec.Time.After(after) {
+				return rec
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("iapd did not log %q with %v within %v", msg, attrs, timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Explain runs "iapd explain" on the policy d serves, in the host
+// namespace, with args added (--app, --target, --probe), and returns its
+// standard output. A failure to run fails t.
+func (b *Bed) Explain(t testing.TB, d *Iapd, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := b.Host.Command(ctx, Binary(t), append([]string{"explain", "-c", d.PolicyPath}, args...)...)
+	cmd.Env = withoutProxyVariables(os.Environ())
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("iapd explain %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
+	}
+	t.Logf("iapd explain %s:\n%s", strings.Join(args, " "), stdout.String())
+	return stdout.String()
+}
+
 // Logs returns what iapd wrote to standard error so far, one JSON record a
 // line.
 func (d *Iapd) Logs() string {
@@ -347,7 +435,7 @@ func (b *Bed) Leftovers(t testing.TB) []string {
 	var left []string
 	for _, family := range []string{"-4", "-6"} {
 		for _, line := range strings.Split(b.Host.IP(t, family, "rule", "show"), "\n") {
-			if strings.HasPrefix(line, strconv.Itoa(RulePriority)+":") {
+			if strings.HasPrefix(line, strconv.Itoa(RulePriority)+":") || strings.HasPrefix(line, strconv.Itoa(RulePriority+1)+":") {
 				left = append(left, "rule "+strings.TrimSpace(line))
 			}
 		}

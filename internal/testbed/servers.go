@@ -23,26 +23,35 @@ import (
 // source address a connection left through. Two paths do more:
 // /bytes?n=N adds N bytes of 'x' after that line, and /hold sends the line,
 // then waits until the test releases the uplink's hold (see Uplink.Hold)
-// before it sends "done\n".
+// before it sends "done\n". While silent (see Uplink.StopAnswering), it
+// accepts connections but never responds.
 type webServer struct {
 	accepted atomic.Int64
+	silent   atomic.Bool
 	srv      *http.Server
 	sink     *logSink
 	uplink   string
 	wg       sync.WaitGroup
+	done     chan struct{} // closed when the test ends
 
-	mu      sync.Mutex    // protects release and holding
+	mu      sync.Mutex    // protects release, holding, resume and accepts
 	release chan struct{} // closed to let /hold requests finish
 	holding int           // /hold requests waiting
+	resume  chan struct{} // closed and replaced when the server answers again
+	accepts []time.Time   // when each connection was accepted
 }
 
 func startWeb(t testing.TB, u *Uplink) *webServer {
 	t.Helper()
-	w := &webServer{uplink: u.Name, release: make(chan struct{})}
+	w := &webServer{uplink: u.Name, release: make(chan struct{}), resume: make(chan struct{}), done: make(chan struct{})}
 	sink := newLogSink(t)
 	w.sink = sink
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			if w.silent.Load() {
+				w.stall(rw)
+				return
+			}
 			client := r.RemoteAddr
 			if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 				client = ap.Addr().Unmap().String()
@@ -65,10 +74,53 @@ func startWeb(t testing.TB, u *Uplink) *webServer {
 		w.serve(t, u, ip)
 	}
 	t.Cleanup(func() {
+		close(w.done)
 		srv.Close()
 		w.wg.Wait()
 	})
 	return w
+}
+
+// stall holds the client's connection without a response, not even the
+// empty one that returning from the handler would send, which is what a
+// stalled server looks like to a client. It closes the connection when
+// the server answers again or the test ends.
+func (w *webServer) stall(rw http.ResponseWriter) {
+	w.mu.Lock()
+	resume := w.resume
+	w.mu.Unlock()
+	c, _, err := http.NewResponseController(rw).Hijack()
+	if err != nil {
+		return
+	}
+	select {
+	case <-resume:
+	case <-w.done:
+	}
+	c.Close()
+}
+
+// setSilent makes the server stop responding, or respond again.
+func (w *webServer) setSilent(silent bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.silent.Swap(silent) && !silent {
+		close(w.resume)
+		w.resume = make(chan struct{})
+	}
+}
+
+// firstAcceptAfter returns when the first connection accepted after t0
+// was accepted.
+func (w *webServer) firstAcceptAfter(t0 time.Time) (time.Time, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, at := range w.accepts {
+		if at.After(t0) {
+			return at, true
+		}
+	}
+	return time.Time{}, false
 }
 
 // hold sends what was written so far, then waits for the release or for
@@ -119,34 +171,42 @@ func (w *webServer) serve(t testing.TB, u *Uplink, ip netip.Addr) {
 	w.wg.Add(1)
 	go func() {
 		defer w.wg.Done()
-		err := w.srv.Serve(&countingListener{Listener: ln, accepted: &w.accepted})
+		err := w.srv.Serve(&countingListener{Listener: ln, web: w})
 		if !errors.Is(err, http.ErrServerClosed) {
 			w.sink.logf("web %s on %s: %v", w.uplink, ln.Addr(), err)
 		}
 	}()
 }
 
+// countingListener counts the connections a web server accepts, and
+// records when.
 type countingListener struct {
 	net.Listener
-	accepted *atomic.Int64
+	web *webServer
 }
 
 func (l *countingListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err == nil {
-		l.accepted.Add(1)
+		now := time.Now()
+		l.web.accepted.Add(1)
+		l.web.mu.Lock()
+		l.web.accepts = append(l.web.accepts, now)
+		l.web.mu.Unlock()
 	}
 	return c, err
 }
 
 // dnsServer is an authoritative server for the names of the bed:
-// www.<uplink>.test (A and AAAA), v6.<uplink>.test (AAAA only) and
-// both.test (A on every uplink). It answers NXDOMAIN for anything else and
-// logs every question.
+// www.<uplink>.test (A and AAAA), v6.<uplink>.test (AAAA only), and
+// both.test and every name under it (A on every uplink). It answers
+// NXDOMAIN for anything else and logs every question. While silent, it
+// logs questions but sends no answer.
 type dnsServer struct {
 	uplink string
 	sink   *logSink
 	wg     sync.WaitGroup
+	silent atomic.Bool
 
 	mu      sync.Mutex // protects log, sites and servers
 	log     []string
@@ -217,6 +277,9 @@ func (d *dnsServer) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 	q := req.Question[0]
 	name := strings.ToLower(q.Name)
 	d.record(name + " " + dns.TypeToString[q.Qtype])
+	if d.silent.Load() {
+		return
+	}
 
 	v4, v6, known := d.records(name)
 	switch {
@@ -267,6 +330,9 @@ func (d *dnsServer) records(name string) (v4, v6 netip.Addr, known bool) {
 	case "v6." + d.uplink + ".test.":
 		return netip.Addr{}, WebIPv6, true
 	case "both.test.":
+		return WebIPv4, netip.Addr{}, true
+	}
+	if strings.HasSuffix(name, ".both.test.") {
 		return WebIPv4, netip.Addr{}, true
 	}
 	return netip.Addr{}, netip.Addr{}, false

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -46,7 +47,18 @@ type Options struct {
 	// routes, as after the last DHCP client won. Default "wifi", or the
 	// first uplink when there is no wifi.
 	DefaultVia string
+
+	// BackupDefaults gives every other uplink default routes too, of
+	// metric BackupMetric, as NetworkManager keeps one per connected
+	// device. Without them, the main table has no default route while the
+	// link of DefaultVia is down, and the host's loose reverse path
+	// filtering drops every reply from off-link addresses.
+	BackupDefaults bool
 }
+
+// BackupMetric is the metric of the default routes that
+// Options.BackupDefaults adds, above the kernel's default for IPv6 (1024).
+const BackupMetric = 2000
 
 // Bed is a host namespace and its uplinks. It is removed in t.Cleanup of
 // the test that made it. Its methods may be called from the test's
@@ -54,9 +66,10 @@ type Options struct {
 type Bed struct {
 	Host *netnstest.NS // namespace of iapd and curl
 
-	uplinks    map[string]*Uplink
-	order      []string
-	defaultVia string
+	uplinks        map[string]*Uplink
+	order          []string
+	defaultVia     string
+	backupDefaults bool
 }
 
 // New builds a bed for t. It fails t if anything cannot be set up; call
@@ -75,7 +88,7 @@ func New(t testing.TB, opts Options) *Bed {
 		}
 	}
 
-	b := &Bed{uplinks: make(map[string]*Uplink), order: opts.Uplinks, defaultVia: opts.DefaultVia}
+	b := &Bed{uplinks: make(map[string]*Uplink), order: opts.Uplinks, defaultVia: opts.DefaultVia, backupDefaults: opts.BackupDefaults}
 	b.Host = netnstest.New(t, "host")
 	configureNamespace(t, b.Host)
 	// Debian and other systemd distributions set loose reverse path
@@ -92,6 +105,13 @@ func New(t testing.TB, opts Options) *Bed {
 		t.Fatalf("testbed: default route via %q, which is not an uplink", opts.DefaultVia)
 	}
 	b.addDefaultRoutes(t)
+	if b.backupDefaults {
+		for _, u := range b.Uplinks() {
+			if u.Name != b.defaultVia {
+				u.addBackupDefaults(t)
+			}
+		}
+	}
 	return b
 }
 
@@ -108,6 +128,26 @@ func (b *Bed) addDefaultRoutes(t testing.TB) {
 	t.Helper()
 	b.Host.IP(t, "-4", "route", "replace", "default", "via", GatewayIPv4.String(), "dev", b.defaultVia)
 	b.Host.IP(t, "-6", "route", "replace", "default", "via", GatewayIPv6.String(), "dev", b.defaultVia)
+}
+
+// addBackupDefaults adds u's default routes of BackupMetric.
+func (u *Uplink) addBackupDefaults(t testing.TB) {
+	t.Helper()
+	metric := strconv.Itoa(BackupMetric)
+	u.bed.Host.IP(t, "-4", "route", "replace", "default", "via", GatewayIPv4.String(), "dev", u.Name, "metric", metric)
+	u.bed.Host.IP(t, "-6", "route", "replace", "default", "via", GatewayIPv6.String(), "dev", u.Name, "metric", metric)
+}
+
+// restoreDefaults adds back the default routes that u held before its link
+// went down or was re-created, as a network manager would.
+func (u *Uplink) restoreDefaults(t testing.TB) {
+	t.Helper()
+	switch {
+	case u.bed.defaultVia == u.Name:
+		u.bed.addDefaultRoutes(t)
+	case u.bed.backupDefaults:
+		u.addBackupDefaults(t)
+	}
 }
 
 // Uplink returns the uplink called name. It panics on an unknown name,
@@ -145,11 +185,7 @@ func newUplink(t testing.TB, b *Bed, name string) *Uplink {
 	u := &Uplink{Name: name, bed: b}
 	u.NS = netnstest.New(t, name)
 	configureNamespace(t, u.NS)
-	netnstest.Veth(t, b.Host, name, u.NS, "eth0")
-
-	u.addHostAddresses(t)
-	u.NS.IP(t, "addr", "add", GatewayIPv4.String()+"/24", "dev", "eth0")
-	u.NS.IP(t, "addr", "add", GatewayIPv6.String()+"/64", "dev", "eth0", "nodad")
+	u.connect(t)
 	for _, a := range []netip.Addr{WebIPv4, DNSIPv4} {
 		u.NS.IP(t, "addr", "add", netip.PrefixFrom(a, 32).String(), "dev", "lo")
 	}
@@ -163,13 +199,66 @@ func newUplink(t testing.TB, b *Bed, name string) *Uplink {
 	// otherwise reply for the servers' addresses on lo too, and a socket
 	// bound to the interface with no route would reach them on-link.
 	u.NS.Exec(t, "sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1")
-	u.NS.IP(t, "link", "set", "eth0", "up")
-	b.Host.IP(t, "link", "set", name, "up")
 
 	u.web = startWeb(t, u)
 	u.dns = startDNS(t, u)
 	return u
 }
+
+// connect creates u's veth pair, the host's end named after u and the
+// uplink's end eth0, with their addresses, and sets both ends up.
+func (u *Uplink) connect(t testing.TB) {
+	t.Helper()
+	netnstest.Veth(t, u.bed.Host, u.Name, u.NS, "eth0")
+	u.addHostAddresses(t)
+	u.NS.IP(t, "addr", "add", GatewayIPv4.String()+"/24", "dev", "eth0")
+	u.NS.IP(t, "addr", "add", GatewayIPv6.String()+"/64", "dev", "eth0", "nodad")
+	u.NS.IP(t, "link", "set", "eth0", "up")
+	u.bed.Host.IP(t, "link", "set", u.Name, "up")
+}
+
+// Recreate deletes u's veth pair and creates it again under the same
+// names, as when a USB modem is unplugged and plugged in again: the host's
+// interface comes back with a new index. The default routes come back too
+// when u held them.
+func (u *Uplink) Recreate(t testing.TB) {
+	t.Helper()
+	u.bed.Host.IP(t, "link", "del", u.Name)
+	u.connect(t)
+	u.restoreDefaults(t)
+}
+
+// StopAnswering makes u's web and DNS servers go silent while the link
+// stays up: TCP connections are still accepted, but no HTTP response and
+// no DNS answer is sent.
+func (u *Uplink) StopAnswering() {
+	u.web.setSilent(true)
+	u.dns.silent.Store(true)
+}
+
+// Answer makes u's servers answer again after StopAnswering.
+func (u *Uplink) Answer() {
+	u.web.setSilent(false)
+	u.dns.silent.Store(false)
+}
+
+// DropReplies adds blackhole routes in u's namespace for the host's
+// addresses, so that u drops every packet towards the host: a SYN through
+// u gets no answer and a connect hangs, while the link stays up. The
+// returned function removes the routes again.
+func (u *Uplink) DropReplies(t testing.TB) (restore func()) {
+	t.Helper()
+	u.NS.IP(t, "-4", "route", "add", "blackhole", HostIPv4.String()+"/32")
+	u.NS.IP(t, "-6", "route", "add", "blackhole", HostIPv6.String()+"/128")
+	return func() {
+		u.NS.IP(t, "-4", "route", "del", "blackhole", HostIPv4.String()+"/32")
+		u.NS.IP(t, "-6", "route", "del", "blackhole", HostIPv6.String()+"/128")
+	}
+}
+
+// FirstAcceptAfter returns when u's web server accepted its first
+// connection after t0.
+func (u *Uplink) FirstAcceptAfter(t0 time.Time) (time.Time, bool) { return u.web.firstAcceptAfter(t0) }
 
 // addHostAddresses (re)adds the host's addresses on the uplink's interface.
 // The kernel drops IPv6 addresses when a link goes down, and a network
@@ -188,15 +277,13 @@ func (u *Uplink) LinkDown(t testing.TB) {
 }
 
 // LinkUp sets the host's interface of u up again and restores what a
-// network manager would: its addresses and, when u held them, the default
-// routes. Routes that iapd added are iapd's to restore.
+// network manager would: its addresses and the default routes it held.
+// Routes that iapd added are iapd's to restore.
 func (u *Uplink) LinkUp(t testing.TB) {
 	t.Helper()
 	u.bed.Host.IP(t, "link", "set", u.Name, "up")
 	u.addHostAddresses(t)
-	if u.bed.defaultVia == u.Name {
-		u.bed.addDefaultRoutes(t)
-	}
+	u.restoreDefaults(t)
 }
 
 // Queries returns the questions u's DNS server received, oldest first, each
@@ -249,6 +336,94 @@ func (b *Bed) Curl(t testing.TB, args ...string) (out string, code int) {
 	t.Logf("curl %s: exit %d, stdout %q, stderr %q", strings.Join(args, " "), code, stdout.String(), strings.TrimSpace(stderr.String()))
 	return stdout.String(), code
 }
+
+// CurlProcess is a curl started with StartCurl that may still be running.
+type CurlProcess struct {
+	cmd  *exec.Cmd
+	done chan struct{} // closed when curl has exited
+	code int           // exit code; valid once done is closed
+
+	mu     sync.Mutex // protects stdout
+	stdout bytes.Buffer
+}
+
+// StartCurl starts curl inside the host namespace like Curl, but without
+// a time limit, and returns at once. The test's cleanup kills it if it is
+// still running.
+func (b *Bed) StartCurl(t testing.TB, args ...string) *CurlProcess {
+	t.Helper()
+	p := &CurlProcess{done: make(chan struct{})}
+	p.cmd = b.Host.Command(context.Background(), "/usr/bin/curl", append([]string{"-q", "-sS", "-N"}, args...)...)
+	p.cmd.Env = withoutProxyVariables(os.Environ())
+	p.cmd.Stdout = lockedBuffer{p}
+	sink := newLogSink(t)
+	p.cmd.Stderr = sink
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("starting curl %s: %v", strings.Join(args, " "), err)
+	}
+	go func() {
+		err := p.cmd.Wait()
+		var exitErr *exec.ExitError
+		if errors.As(err, &exitErr) {
+			p.code = exitErr.ExitCode()
+		}
+		sink.logf("curl %s: exit %d", strings.Join(args, " "), p.code)
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		p.cmd.Process.Kill()
+		<-p.done
+	})
+	return p
+}
+
+// lockedBuffer lets curl write into its process's buffer while the test
+// reads it.
+type lockedBuffer struct{ p *CurlProcess }
+
+func (w lockedBuffer) Write(b []byte) (int, error) {
+	w.p.mu.Lock()
+	defer w.p.mu.Unlock()
+	return w.p.stdout.Write(b)
+}
+
+// Output returns what curl has written to its standard output so far.
+func (p *CurlProcess) Output() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stdout.String()
+}
+
+// WaitOutput waits until curl's standard output contains s, and reports
+// false when timeout passes first.
+func (p *CurlProcess) WaitOutput(s string, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for !strings.Contains(p.Output(), s) {
+		if time.Now().After(deadline) {
+			return false
+		}
+		select {
+		case <-p.done:
+			return strings.Contains(p.Output(), s)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return true
+}
+
+// Wait waits up to timeout for curl to exit and returns its exit code;
+// exited is false when it is still running.
+func (p *CurlProcess) Wait(timeout time.Duration) (code int, exited bool) {
+	select {
+	case <-p.done:
+		return p.code, true
+	case <-time.After(timeout):
+		return 0, false
+	}
+}
+
+// Exited reports whether curl has exited, and its exit code if so.
+func (p *CurlProcess) Exited() (code int, exited bool) { return p.Wait(0) }
 
 // withoutProxyVariables drops the variables through which curl and Go pick
 // a proxy or bypass one.

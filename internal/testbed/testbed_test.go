@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 
@@ -158,6 +159,59 @@ func TestPrivilegedLinkDownAndUp(t *testing.T) {
 	}
 }
 
+// TestPrivilegedUplinkFaults checks the faults a test can put into an
+// uplink, with curl following the host's default route through wifi.
+func TestPrivilegedUplinkFaults(t *testing.T) {
+	netnstest.Require(t)
+	b := New(t, Options{})
+	wifi := b.Uplink("wifi")
+	const url = "http://203.0.113.10/"
+	const curlTimeout = 28 // CURLE_OPERATION_TIMEDOUT
+
+	held := b.StartCurl(t, url+"hold")
+	if !held.WaitOutput("uplink=wifi client=192.0.2.2\n", 2*time.Second) {
+		t.Errorf("/hold sent %q, want the uplink line", held.Output())
+	}
+
+	wifi.StopAnswering()
+	if _, code := b.Curl(t, "--max-time", "0.5", url); code != curlTimeout {
+		t.Errorf("curl while wifi is silent: exit %d, want %d", code, curlTimeout)
+	}
+	wifi.Answer()
+	if out, code := b.Curl(t, url); code != 0 || out != "uplink=wifi client=192.0.2.2\n" {
+		t.Errorf("curl after wifi answers again: exit %d and %q", code, out)
+	}
+
+	restore := wifi.DropReplies(t)
+	start := time.Now()
+	if _, code := b.Curl(t, "--connect-timeout", "0.5", url); code != curlTimeout {
+		t.Errorf("curl while wifi drops replies: exit %d, want %d", code, curlTimeout)
+	}
+	restore()
+	if out, code := b.Curl(t, url); code != 0 || out != "uplink=wifi client=192.0.2.2\n" {
+		t.Errorf("curl after wifi stops dropping: exit %d and %q", code, out)
+	}
+	if at, ok := wifi.FirstAcceptAfter(start); !ok || at.Before(start) {
+		t.Errorf("FirstAcceptAfter = %v, %v, want the last curl's connection", at, ok)
+	}
+
+	before := b.Host.IP(t, "-o", "link", "show", "wifi")
+	wifi.Recreate(t)
+	after := b.Host.IP(t, "-o", "link", "show", "wifi")
+	if strings.SplitN(before, ":", 2)[0] == strings.SplitN(after, ":", 2)[0] {
+		t.Errorf("re-created wifi kept its index: %q", after)
+	}
+	// TCP does not notice that the link under a connection is gone: the
+	// client waits on, which is why iapd closes the connections of an
+	// access point that is lost.
+	if code, exited := held.Wait(300 * time.Millisecond); exited {
+		t.Errorf("held request over the deleted link exited with %d, want it waiting", code)
+	}
+	if out, code := b.Curl(t, url); code != 0 || out != "uplink=wifi client=192.0.2.2\n" {
+		t.Errorf("curl after wifi was re-created: exit %d and %q", code, out)
+	}
+}
+
 func TestPrivilegedLeftoversFound(t *testing.T) {
 	netnstest.Require(t)
 	b := New(t, Options{Uplinks: []string{"wifi"}})
@@ -188,6 +242,7 @@ func TestDNSRecords(t *testing.T) {
 		{name: "own www", qname: "www.cell.test.", v4: "203.0.113.10", v6: "2001:db8:ff::10", known: true},
 		{name: "own v6", qname: "v6.cell.test.", v6: "2001:db8:ff::10", known: true},
 		{name: "shared", qname: "both.test.", v4: "203.0.113.10", known: true},
+		{name: "under shared", qname: "n1.both.test.", v4: "203.0.113.10", known: true},
 		{name: "other uplink", qname: "www.wifi.test."},
 		{name: "outside the zone", qname: "example.com."},
 	}
