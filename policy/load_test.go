@@ -634,3 +634,36 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestLoadReadmeFailoverPolicy parses the Wi-Fi with cellular failover
+// policy that README.md shows, so that the example stays valid.
+func TestLoadReadmeFailoverPolicy(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "## Wi-Fi with cellular failover")
+	if !ok {
+		t.Fatal("README.md has no section \"Wi-Fi with cellular failover\"")
+	}
+	_, block, ok := strings.Cut(section, "```yaml\n")
+	if !ok {
+		t.Fatal("the section has no yaml block")
+	}
+	block, _, _ = strings.Cut(block, "```")
+
+	p, err := Parse("README.md", []byte(block))
+	if err != nil {
+		t.Fatalf("README policy: %v", err)
+	}
+	d := p.Destinations["laptop"]
+	if d == nil || len(d.AccessPoints) != 2 || d.HoldDown != 5*time.Second {
+		t.Fatalf("destination laptop = %+v, want wifi and cell with a 5s hold-down", d)
+	}
+	if got := p.Link("wwan0"); !got.Metered || got.Cost != 10 {
+		t.Errorf("wwan0 = %+v, want metered with cost 10", got)
+	}
+	if p.AccessPoints["wifi"].Probe == nil || p.AccessPoints["cell"].Probe == nil {
+		t.Error("the access points lack their probes")
+	}
+}
