@@ -32,8 +32,8 @@ type LookupFunc func(ctx context.Context, ap *policy.AccessPoint, host string) (
 // Health decides whether each access point of a policy is usable now: its
 // interface state, its routing table, its probe and the failures of real
 // dials together. It implements the access point part of
-// policy.Conditions and tells registered callbacks about every change. It
-// is safe for concurrent use; create it with NewHealth and stop its probes
+// policy.Conditions and calls registered callbacks with every change. It
+// is safe for concurrent use. Create it with NewHealth and stop its probes
 // with Close.
 type Health struct {
 	cfg    HealthConfig
@@ -221,8 +221,8 @@ func (h *Health) update() {
 		linkOK, next := h.linkStatus(s, ap)
 		switch {
 		case !linkOK && st.probe.linkOK:
-			// A probe result from before the link went away says
-			// nothing about the link that comes back.
+			// A probe result from before the link went away is no
+			// evidence about the link that comes back.
 			st.probe.reset()
 		case linkOK && !st.probe.linkOK:
 			resumed = append(resumed, st)
@@ -264,9 +264,9 @@ func (h *Health) update() {
 // recreatedLocked notices that ap's interface was deleted and created
 // again between two reads, which leaves no snapshot where it is missing.
 // Connections over the old interface are dead, and a probe result of it
-// says nothing about the new one, so a usable access point counts as lost
-// for a moment: it returns that change, and the update that follows
-// brings the access point back.
+// is no evidence about the new one. So a usable access point counts as
+// lost for a moment: recreatedLocked returns that change, and the update
+// that follows brings the access point back.
 func (h *Health) recreatedLocked(s *Snapshot, ap *policy.AccessPoint, st *apHealth) (Change, bool) {
 	idx := 0
 	if ifc, ok := s.Interface(ap.Interface); ok && !ap.IsDefault() {

@@ -83,6 +83,23 @@ func TestCheckCapabilities(t *testing.T) {
 	}
 }
 
+// fakeRPFilter points procSysNet at a directory whose rp_filter settings
+// are all for net.ipv4.conf.all and own for the interface cell.
+func fakeRPFilter(t *testing.T, all, own string) {
+	t.Helper()
+	dir := t.TempDir()
+	for name, value := range map[string]string{"all": all, "cell": own} {
+		path := filepath.Join(dir, "ipv4/conf", name, "rp_filter")
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(value+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	replace(t, &procSysNet, dir)
+}
+
 func TestReversePathFilterWarning(t *testing.T) {
 	tests := []struct {
 		name     string
@@ -96,17 +113,7 @@ func TestReversePathFilterWarning(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
-			for name, value := range map[string]string{"all": tt.all, "cell": tt.own} {
-				path := filepath.Join(dir, "ipv4/conf", name, "rp_filter")
-				if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-					t.Fatal(err)
-				}
-				if err := os.WriteFile(path, []byte(value+"\n"), 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			replace(t, &procSysNet, dir)
+			fakeRPFilter(t, tt.all, tt.own)
 
 			logger, logs := newTestLogger(t)
 			ap := &policy.AccessPoint{Name: "cell", Interface: "cell", Index: 1}
@@ -150,17 +157,7 @@ func TestLooseFilterWarning(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
-			for name, value := range map[string]string{"all": tt.all, "cell": tt.own} {
-				path := filepath.Join(dir, "ipv4/conf", name, "rp_filter")
-				if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-					t.Fatal(err)
-				}
-				if err := os.WriteFile(path, []byte(value+"\n"), 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			replace(t, &procSysNet, dir)
+			fakeRPFilter(t, tt.all, tt.own)
 
 			logger, logs := newTestLogger(t)
 			ap := &policy.AccessPoint{Name: "cell", Interface: "cell", Index: 1}

@@ -23,7 +23,7 @@ const maxProbeBody = 64 << 10
 // resolve it.
 var errNoResolver = errors.New("no resolver for the probe's names")
 
-// probePhase is what an access point's probe last concluded.
+// probePhase is the conclusion of an access point's probes so far.
 type probePhase uint8
 
 const (
@@ -48,7 +48,7 @@ type probeState struct {
 	downByDials  bool  // phaseDown because of dialFailures
 }
 
-// reset forgets every result, as when the link goes away.
+// reset drops every result, as when the link goes away.
 func (p *probeState) reset() { *p = probeState{linkOK: p.linkOK} }
 
 // record counts one probe's result. The first pass after a reset makes
@@ -124,7 +124,7 @@ func (p *probeState) latencyIfUp() time.Duration {
 	return 0
 }
 
-// describe says what the probe sends and what it found, for people.
+// describe returns, for people, what the probe sends and what it found.
 func (p *probeState) describe(cfg *policy.Probe) string {
 	what := fmt.Sprintf("%s %s every %s", cfg.Kind, cfg.Target, cfg.Interval)
 	switch {

@@ -67,7 +67,7 @@ type Status struct {
 	Probe      string        // the probe's state in words, for people; empty without a probe
 }
 
-// Conditions is what a plan needs to know about the access points now.
+// Conditions is the state of the access points that a plan needs.
 // The daemon implements it over live interface state and probes; tests
 // implement it with maps. Its methods are called for every connection, so
 // they must be cheap and safe for concurrent use.

@@ -25,8 +25,8 @@ type Policy struct {
 	AccessPoints map[string]*AccessPoint
 	Destinations map[string]*Destination
 
-	// Interfaces holds what the policy's interfaces section says about
-	// each interface it lists, by interface name. Link returns the facts
+	// Interfaces holds the facts that the policy's interfaces section gives
+	// about each interface it lists, by interface name. Link returns the facts
 	// of any interface, with defaults for those not listed.
 	Interfaces map[string]*Link
 
@@ -217,7 +217,7 @@ func (s Selection) String() string {
 	return "unknown"
 }
 
-// OnLost says what happens to the open connections of an access point
+// OnLost is the rule for the open connections of an access point
 // that stops being usable.
 type OnLost uint8
 
@@ -237,8 +237,8 @@ func (o OnLost) String() string {
 	return "close"
 }
 
-// OnBetter says what happens to the open connections on other access
-// points when a destination goes back to a better one.
+// OnBetter is the rule for the open connections on other access points
+// when a destination goes back to a better one.
 type OnBetter uint8
 
 const (
@@ -267,8 +267,8 @@ const (
 	LinkVPN      LinkType = "vpn"
 )
 
-// Link is what the policy says about one interface: the facts that the
-// cost rule and app requirements look at.
+// Link holds the facts that the policy gives about one interface, which
+// the cost rule and app requirements use.
 type Link struct {
 	Interface string
 	Type      LinkType // empty when the policy does not say

@@ -45,9 +45,9 @@ type rawProbe struct {
 	// Default 2.
 	Successes int64
 	// DialFailures (key dial_failures, optional) is how many dials of real
-	// connections in a row must fail (time out, find no route, or get no
-	// DNS answer) before the access point is unusable without waiting for
-	// the probe, 0 to 100; 0 turns it off. Default 3.
+	// connections in a row must fail before the access point is unusable
+	// without waiting for the probe, 0 to 100. A dial counts when it times
+	// out, finds no route or gets no DNS answer. 0 turns it off. Default 3.
 	DialFailures int64
 
 	kind        ProbeKind
@@ -207,7 +207,7 @@ type rawInterface struct {
 	// Cost (key cost, optional) orders access points under select: cost,
 	// lowest first, 0 to 1000000. Default 0.
 	Cost int64
-	// Metered (key metered, optional) says whether traffic on the
+	// Metered (key metered, optional) is whether traffic on the
 	// interface is charged by volume. Default true for type cellular,
 	// false otherwise.
 	Metered text

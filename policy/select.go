@@ -48,9 +48,9 @@ func byCost(cands []candidate) ([]candidate, string) {
 // byLatency orders by probe latency, lowest first, with the access points
 // that have none after the others in the destination's order. The first
 // place then goes to the access point in use when its latency is within
-// d.Tolerance of the lowest, and otherwise to the earliest in the
-// destination's order that is, so that jitter around similar latencies
-// does not move new connections back and forth.
+// d.Tolerance of the lowest. Otherwise it goes to the earliest in the
+// destination's order that is within the tolerance. So jitter around
+// similar latencies does not move new connections back and forth.
 func byLatency(d *Destination, cands []candidate, current *AccessPoint) ([]candidate, string) {
 	slices.SortStableFunc(cands, func(a, b candidate) int {
 		la, lb := a.status.Latency, b.status.Latency

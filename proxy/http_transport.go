@@ -42,8 +42,8 @@ type transportKey struct {
 // the request's context, which http.Transport passes on to its dials.
 type dialParamsKey struct{}
 
-// dialParams is what dialPlain needs to know about the request it dials
-// for.
+// dialParams holds the details of a request that dialPlain needs when it
+// dials for it.
 type dialParams struct {
 	deadline    time.Time           // of this access point's attempt; zero for none
 	destination *policy.Destination // whose plan chose the access point

@@ -397,19 +397,8 @@ func TestPrivilegedCostAndRequirement(t *testing.T) {
 	// cellular, and nothing of its connection reaches cell.
 	cell.ResetQueries()
 	accepted := cell.Accepted()
-	const curlProxyError = 97 // CURLE_PROXY: the SOCKS5 server replied with a failure
-	if out, code := bed.Curl(t, append(unmetered, "http://u1.both.test/")...); code != curlProxyError {
-		t.Errorf("unmetered app with only cellular usable: exit %d and %q, want %d", code, out, curlProxyError)
-	}
-	if got := socks5Reply(t, bed, "127.0.0.1:1081", "u2.both.test", 80); got != 3 {
-		t.Errorf("SOCKS5 reply %d, want 3 (network unreachable)", got)
-	}
-	if n := cell.Accepted() - accepted; n != 0 {
-		t.Errorf("cell accepted %d connections of the unmetered app, want 0", n)
-	}
-	if q := cell.Queries(); len(q) != 0 {
-		t.Errorf("cell's DNS server was asked %q for the unmetered app, want nothing", q)
-	}
+	wantSOCKS5Refused(t, bed, "127.0.0.1:1081", "u1.both.test", "u2.both.test")
+	wantUntouched(t, cell, accepted)
 	wantLines(t, "explain for the unmetered app", bed.Explain(t, d, "--app", "unmetered", "--target", "u1.both.test:80"),
 		"requires:    unmetered\n",
 		"  1. cell: interface cell (cellular, cost 10, metered)\n       usable, but left out: interface cell is metered, and the app requires unmetered\n",
@@ -420,6 +409,33 @@ func TestPrivilegedCostAndRequirement(t *testing.T) {
 	eth.LinkUp(t)
 	curlUntil(t, bed, 3*time.Second, viaEth, append(anyApp, "http://both.test/")...)
 	curlUntil(t, bed, time.Second, viaEth, append(unmetered, "http://both.test/")...)
+}
+
+// wantSOCKS5Refused checks that the SOCKS5 listener at proxy refuses a
+// connection with reply 3 (network unreachable): curl's to first and a
+// plain request's to second, both on port 80.
+func wantSOCKS5Refused(t *testing.T, bed *testbed.Bed, proxy, first, second string) {
+	t.Helper()
+	const curlProxyError = 97 // CURLE_PROXY: the SOCKS5 server replied with a failure
+	if out, code := bed.Curl(t, "--socks5-hostname", proxy, "http://"+first+"/"); code != curlProxyError {
+		t.Errorf("curl through %s to %s: exit %d and %q, want %d", proxy, first, code, out, curlProxyError)
+	}
+	if got := socks5Reply(t, bed, proxy, second, 80); got != 3 {
+		t.Errorf("SOCKS5 reply %d for %s, want 3 (network unreachable)", got, second)
+	}
+}
+
+// wantUntouched checks that u's web server accepted no connection after
+// its count was before, and that its DNS server was asked nothing since
+// its query log was last reset.
+func wantUntouched(t *testing.T, u *testbed.Uplink, before int64) {
+	t.Helper()
+	if n := u.Accepted() - before; n != 0 {
+		t.Errorf("%s accepted %d connections, want none", u.Name, n)
+	}
+	if q := u.Queries(); len(q) != 0 {
+		t.Errorf("%s's DNS server was asked %q, want nothing", u.Name, q)
+	}
 }
 
 // socks5Reply sends a SOCKS5 CONNECT for host:port to the proxy at addr
@@ -468,13 +484,7 @@ func TestPrivilegedFailClosed(t *testing.T) {
 	lan.ResetQueries()
 	accepted := lan.Accepted()
 
-	const curlProxyError, curlRecvError = 97, 56
-	if out, code := bed.Curl(t, "--socks5-hostname", "127.0.0.1:1080", "http://f1.both.test/"); code != curlProxyError {
-		t.Errorf("socks5 with every access point down: exit %d and %q, want %d", code, out, curlProxyError)
-	}
-	if got := socks5Reply(t, bed, "127.0.0.1:1080", "f2.both.test", 80); got != 3 {
-		t.Errorf("SOCKS5 reply %d, want 3 (network unreachable)", got)
-	}
+	wantSOCKS5Refused(t, bed, "127.0.0.1:1080", "f1.both.test", "f2.both.test")
 	out, code := bed.Curl(t, "-x", "http://127.0.0.1:3128", "-w", "%{http_code}", "http://f3.both.test/")
 	body, status := strings.TrimSuffix(out[:max(len(out)-3, 0)], "\n"), out[max(len(out)-3, 0):]
 	if code != 0 || status != "503" {
@@ -484,16 +494,12 @@ func TestPrivilegedFailClosed(t *testing.T) {
 	if body != wantBody {
 		t.Errorf("503 body %q\nwant %q", body, wantBody)
 	}
+	const curlRecvError = 56 // CURLE_RECV_ERROR: what curl 7.88 exits with on a refused CONNECT
 	if out, code := bed.Curl(t, "-p", "-x", "http://127.0.0.1:3128", "-w", "%{http_connect}", "http://f4.both.test/"); code != curlRecvError || out != "503" {
 		t.Errorf("http connect with every access point down: exit %d and %q, want %d and 503", code, out, curlRecvError)
 	}
 
-	if n := lan.Accepted() - accepted; n != 0 {
-		t.Errorf("%d connections left through the host's default route, want none", n)
-	}
-	if q := lan.Queries(); len(q) != 0 {
-		t.Errorf("the default route's DNS server was asked %q, want nothing", q)
-	}
+	wantUntouched(t, lan, accepted)
 	wantLines(t, "explain with every access point down", bed.Explain(t, d, "--app", "browser", "--target", "f1.both.test:80"),
 		"       unusable: interface wifi is down\n",
 		"       unusable: interface cell is down\n",
