@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"iapd/iface"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"iapd/iface"
 
 	"iapd/internal/event"
 	"iapd/policy"
@@ -440,5 +440,46 @@ func TestWatcherPublishes(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(metrics.switches.WithLabelValues("internet")); got != 1 {
 		t.Errorf("destination switches of internet = %v, want 1", got)
+	}
+}
+
+func TestWatcherInterfaceEvents(t *testing.T) {
+	p, err := policy.Parse("links.yaml", []byte(`
+listeners:
+  - listen: "127.0.0.1:0"
+    app: browser
+apps:
+  browser: {access_point: local}
+access_points:
+  local: {interface: lo, dns: [192.0.2.53]}
+`))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	bus := event.NewBus()
+	events, stop := bus.Subscribe(8)
+	defer stop()
+	w := NewWatcher(bus, nil, func() *policy.Policy { return p }, nil)
+
+	m, err := iface.NewMonitor(nil)
+	if err != nil {
+		t.Fatalf("NewMonitor: %v", err)
+	}
+	defer m.Close()
+	// Every interface of the host appears at once; only lo is the
+	// policy's, so only its change is published.
+	w.Changed(nil, m.Snapshot())
+	select {
+	case e := <-events:
+		if e.Kind != event.InterfaceAdded || e.Interface != "lo" {
+			t.Errorf("event %+v, want lo added", e)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("no event for lo")
+	}
+	select {
+	case e := <-events:
+		t.Errorf("published %+v for an interface the policy does not name", e)
+	default:
 	}
 }

@@ -40,9 +40,9 @@ type Health struct {
 	logger *slog.Logger
 	now    func() time.Time // replaced by tests
 
-	ctx    context.Context // cancelled by Close, which ends probes in flight
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	// probesMu serializes Update and Close, which replace or stop probes.
+	probesMu sync.Mutex
+	probes   *probeGroup // the probers of the policy in force
 
 	// updateMu serializes updates, so that callbacks see the changes of
 	// one access point in the order they happened.
@@ -55,6 +55,33 @@ type Health struct {
 	closed    bool
 
 	unregisterHook func()
+}
+
+// probeGroup is the probers of one policy's access points.
+type probeGroup struct {
+	ctx    context.Context // cancelled to stop them, which ends probes in flight
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// startProbes starts a prober for every access point of p with a probe.
+func (h *Health) startProbes(p *policy.Policy, aps map[*policy.AccessPoint]*apHealth) *probeGroup {
+	g := &probeGroup{}
+	g.ctx, g.cancel = context.WithCancel(context.Background())
+	for _, ap := range p.AccessPointOrder {
+		if ap.Probe == nil {
+			continue
+		}
+		g.wg.Add(1)
+		go h.probeLoop(g, ap, aps[ap])
+	}
+	return g
+}
+
+// stop ends the probers and waits for them.
+func (g *probeGroup) stop() {
+	g.cancel()
+	g.wg.Wait()
 }
 
 // apHealth is the state that Health keeps for one access point.
@@ -97,19 +124,11 @@ func NewHealth(cfg HealthConfig) *Health {
 		aps:       make(map[*policy.AccessPoint]*apHealth, len(cfg.Policy.AccessPointOrder)),
 		callbacks: make(map[int]func(Change)),
 	}
-	h.ctx, h.cancel = context.WithCancel(context.Background())
 	for _, ap := range cfg.Policy.AccessPointOrder {
 		h.aps[ap] = &apHealth{kick: make(chan struct{}, 1)}
 	}
 	h.update()
-
-	for _, ap := range cfg.Policy.AccessPointOrder {
-		if ap.Probe == nil {
-			continue
-		}
-		h.wg.Add(1)
-		go h.probeLoop(ap, h.aps[ap])
-	}
+	h.probes = h.startProbes(cfg.Policy, h.aps)
 	// Registered after the manager's own hook, so every update sees the
 	// routing tables that the manager has just reconciled.
 	h.unregisterHook = cfg.Manager.Monitor().registerReadHook(func(*Snapshot) { h.update() })
@@ -180,6 +199,50 @@ func (h *Health) DialFailed(ap *policy.AccessPoint, err error) {
 	}
 }
 
+// Update switches h to p, a reloaded policy. An access point that keeps its
+// name, interface and probe keeps its status and probe results, so that
+// the reload alone reports no change of it. The others start afresh, as
+// at NewHealth, and the probes of removed ones stop.
+func (h *Health) Update(p *policy.Policy) {
+	h.probesMu.Lock()
+	defer h.probesMu.Unlock()
+
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return
+	}
+	byName := make(map[string]*policy.AccessPoint, len(h.aps))
+	for ap := range h.aps {
+		byName[ap.Name] = ap
+	}
+	aps := make(map[*policy.AccessPoint]*apHealth, len(p.AccessPointOrder))
+	for _, ap := range p.AccessPointOrder {
+		if prev, ok := byName[ap.Name]; ok && prev.Interface == ap.Interface && sameProbe(prev.Probe, ap.Probe) {
+			aps[ap] = h.aps[prev]
+			continue
+		}
+		aps[ap] = &apHealth{kick: make(chan struct{}, 1)}
+	}
+	h.cfg.Policy = p
+	h.aps = aps
+	h.mu.Unlock()
+
+	// The probers of the previous policy hold its access points; those
+	// of the new one take over the states that carried over.
+	h.probes.stop()
+	h.probes = h.startProbes(p, aps)
+	h.update()
+}
+
+// sameProbe reports whether a and b probe alike.
+func sameProbe(a, b *policy.Probe) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return *a == *b
+}
+
 // Close stops the probes and stops following interface state. Callbacks
 // are not called after Close returns. It is idempotent.
 func (h *Health) Close() error {
@@ -192,8 +255,9 @@ func (h *Health) Close() error {
 	h.mu.Unlock()
 
 	h.unregisterHook()
-	h.cancel()
-	h.wg.Wait()
+	h.probesMu.Lock()
+	h.probes.stop()
+	h.probesMu.Unlock()
 	return nil
 }
 
@@ -301,7 +365,7 @@ func (h *Health) linkStatus(s *Snapshot, ap *policy.AccessPoint) (bool, policy.S
 	st.Link = s.Link(h.cfg.Policy, ap)
 	if st.Usable && !h.cfg.Manager.RoutesReady(ap) {
 		st.Usable = false
-		st.Reason = fmt.Sprintf("routing table %d of interface %s is not installed yet", h.cfg.Policy.Routing.Table+ap.Index, ap.Interface)
+		st.Reason = fmt.Sprintf("routing table of interface %s is not installed yet", ap.Interface)
 	}
 	return st.Usable, st
 }
@@ -325,14 +389,14 @@ func kick(c chan struct{}) {
 // once when kicked. Probes start an interval apart, not an interval after
 // the previous one ended, so that failures in a row take the access point
 // down within interval × failures plus one timeout.
-func (h *Health) probeLoop(ap *policy.AccessPoint, st *apHealth) {
-	defer h.wg.Done()
+func (h *Health) probeLoop(g *probeGroup, ap *policy.AccessPoint, st *apHealth) {
+	defer g.wg.Done()
 	p := ap.Probe
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	for {
 		select {
-		case <-h.ctx.Done():
+		case <-g.ctx.Done():
 			return
 		case <-timer.C:
 		case <-st.kick:
@@ -343,18 +407,18 @@ func (h *Health) probeLoop(ap *policy.AccessPoint, st *apHealth) {
 		linkOK := st.probe.linkOK
 		h.mu.Unlock()
 		if linkOK {
-			h.probeOnce(ap, st)
+			h.probeOnce(g.ctx, ap, st)
 		}
 		timer.Reset(time.Until(start.Add(p.Interval)))
 	}
 }
 
 // probeOnce sends ap's probe, records the result and updates the statuses.
-func (h *Health) probeOnce(ap *policy.AccessPoint, st *apHealth) {
-	ctx, cancel := context.WithTimeout(h.ctx, ap.Probe.Timeout)
+func (h *Health) probeOnce(groupCtx context.Context, ap *policy.AccessPoint, st *apHealth) {
+	ctx, cancel := context.WithTimeout(groupCtx, ap.Probe.Timeout)
 	rtt, err := SendProbe(ctx, ap, h.cfg.Manager.Dialer(ap), h.cfg.Resolve, h.cfg.Query)
 	cancel()
-	if h.ctx.Err() != nil {
+	if groupCtx.Err() != nil {
 		return
 	}
 

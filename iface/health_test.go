@@ -39,6 +39,7 @@ func (f *fakeRoutes) setMissing(ap *policy.AccessPoint, missing bool) {
 // healthBed is a Health over a fake monitor and routing tables.
 type healthBed struct {
 	h       *Health
+	mgr     *Manager
 	src     *fakeSource
 	routes  *fakeRoutes
 	mu      sync.Mutex // protects changes
@@ -53,6 +54,7 @@ func newHealthBed(t *testing.T, p *policy.Policy, s *Snapshot, cfg HealthConfig)
 	cfg.Policy = p
 	cfg.Manager = &Manager{monitor: m, routes: b.routes}
 	cfg.Manager.dialers.Store(&dialerSet{cur: newDialers(p, assignSlots(p, nil), m, cfg.Manager.RoutesReady)})
+	b.mgr = cfg.Manager
 	cfg.Logger = logger
 	b.h = NewHealth(cfg)
 	b.h.RegisterChangeCallback(func(c Change) {
@@ -161,7 +163,7 @@ func TestHealthFollowsLinkAndRoutes(t *testing.T) {
 	b.routes.setMissing(wifi, true)
 	b.setState(wlanSnapshot(true))
 	st = waitStatus(t, b.h, wifi, "missing routes", isNotUsable)
-	if want := "routing table 18100 of interface wlan0 is not installed yet"; st.Reason != want {
+	if want := "routing table of interface wlan0 is not installed yet"; st.Reason != want {
 		t.Errorf("reason = %q, want %q", st.Reason, want)
 	}
 
@@ -395,5 +397,43 @@ func TestHealthRecreatedInterface(t *testing.T) {
 	want := []string{"usable=false interface wlan0 was re-created with index 9", "usable=true "}
 	if strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Errorf("changes %q, want %q", got, want)
+	}
+}
+
+func TestHealthUpdate(t *testing.T) {
+	addr, _ := listenTCP(t, "127.0.0.1:0")
+	probe := func(interval time.Duration) *policy.Probe {
+		return &policy.Probe{Kind: policy.ProbeTCP, Target: addr, Interval: interval, Timeout: time.Second, Failures: 2, Successes: 1}
+	}
+	wifi := &policy.AccessPoint{Name: "wifi", Interface: "wlan0", Probe: probe(time.Hour)}
+	cell := &policy.AccessPoint{Name: "cell", Interface: "wlan0", Probe: probe(time.Hour)}
+	b := newHealthBed(t, testPolicy(wifi, cell), wlanSnapshot(true), HealthConfig{})
+	waitStatus(t, b.h, wifi, "first pass", isUsable)
+	waitStatus(t, b.h, cell, "first pass", isUsable)
+	before := len(b.usableFlips())
+
+	// The reloaded policy keeps wifi as it was, probes cell differently
+	// and adds eth.
+	wifi2 := &policy.AccessPoint{Name: "wifi", Interface: "wlan0", Probe: probe(time.Hour)}
+	cell2 := &policy.AccessPoint{Name: "cell", Interface: "wlan0", Probe: probe(30 * time.Minute)}
+	eth := &policy.AccessPoint{Name: "eth", Interface: "wlan0"}
+	p2 := testPolicy(wifi2, cell2, eth)
+	b.mgr.dialers.Store(&dialerSet{cur: newDialers(p2, assignSlots(p2, nil), b.mgr.monitor, b.mgr.RoutesReady)})
+	b.h.Update(p2)
+
+	if st := b.h.Status(wifi2); !st.Usable || st.Latency <= 0 {
+		t.Errorf("wifi after the reload = %+v, want it usable with its latency kept", st)
+	}
+	if st := b.h.Status(eth); !st.Usable {
+		t.Errorf("new access point eth = %+v, want usable", st)
+	}
+	waitStatus(t, b.h, cell2, "first pass of the new probe", isUsable)
+	if st := b.h.Status(wifi); st.Usable || st.Reason != `access point "wifi" is not in the policy` {
+		t.Errorf("wifi of the old policy = %+v, want unknown", st)
+	}
+	for _, flip := range b.usableFlips()[before:] {
+		if flip == "-wifi" || flip == "+wifi" {
+			t.Errorf("the reload changed wifi's usability: %q", b.usableFlips()[before:])
+		}
 	}
 }

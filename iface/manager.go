@@ -132,8 +132,8 @@ func (m *Manager) Monitor() *Monitor { return m.monitor }
 
 // RoutesReady reports whether ap's routing table and rules are in place,
 // so that its sockets leave through its interface. It is always true for
-// interface: default, which has none, and false for an access point of a
-// policy before the last Update.
+// interface: default, which has none. Access points are known by name, so
+// one of the policy before the last Update stands for its namesake.
 func (m *Manager) RoutesReady(ap *policy.AccessPoint) bool {
 	if ap.IsDefault() {
 		return true

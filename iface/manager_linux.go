@@ -236,9 +236,11 @@ type tableKeeper struct {
 	closed    bool
 	warned    map[string]bool // warnings logged once, cleared when their condition ends
 	rpChecked map[string]int  // interface name to the index whose rp_filter was checked
-	// ready holds the bound access points whose table held every route it
-	// should after the last reconcile, with their rules in place.
-	ready map[*policy.AccessPoint]bool
+	// ready holds the names of the bound access points whose table held
+	// every route it should after the last reconcile, with their rules in
+	// place. Names, because a dialer kept across a reload holds the access
+	// point of the policy before.
+	ready map[string]bool
 }
 
 func newTableKeeper(p *policy.Policy, bound []*policy.AccessPoint, slots map[string]int, logger *slog.Logger) (*tableKeeper, error) {
@@ -254,7 +256,7 @@ func newTableKeeper(p *policy.Policy, bound []*policy.AccessPoint, slots map[str
 		handle:    h,
 		warned:    make(map[string]bool),
 		rpChecked: make(map[string]int),
-		ready:     make(map[*policy.AccessPoint]bool),
+		ready:     make(map[string]bool),
 	}
 	k.setBoundLocked(bound, slots)
 	return k, nil
@@ -338,7 +340,7 @@ func (k *tableKeeper) isOwnRule(r netlink.Rule) bool {
 func (k *tableKeeper) isReady(ap *policy.AccessPoint) bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return k.ready[ap]
+	return k.ready[ap.Name]
 }
 
 // removeLeftovers deletes the rules and routes of an earlier run that
@@ -470,9 +472,9 @@ func (k *tableKeeper) reconcile(s *Snapshot) {
 // setReadyLocked records which bound access points have their rules and
 // routes in place: with rulesOK, those that complete holds.
 func (k *tableKeeper) setReadyLocked(rulesOK bool, complete map[*policy.AccessPoint]bool) {
-	k.ready = make(map[*policy.AccessPoint]bool, len(k.bound))
+	k.ready = make(map[string]bool, len(k.bound))
 	for _, ap := range k.bound {
-		k.ready[ap] = rulesOK && complete[ap]
+		k.ready[ap.Name] = rulesOK && complete[ap]
 	}
 }
 

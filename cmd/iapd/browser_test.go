@@ -63,7 +63,7 @@ func TestPrivilegedStatusPageInChromium(t *testing.T) {
 	}
 	release := wifi.Hold()
 	defer release()
-	startCurl(t, bed, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
+	bed.StartCurl(t, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
 	waitUntil(t, "the download to be held", func() bool { return wifi.Holding() == 1 })
 	bed.Uplink("cell").LinkDown(t)
 	waitUntil(t, "cell to be unusable", func() bool {

@@ -139,17 +139,17 @@ func TestPrivilegedFailoverOnLinkDown(t *testing.T) {
 		msg   string
 		attrs map[string]string
 	}{
-		{"interface down", map[string]string{"interface": "wifi"}},
-		{"access point unusable", map[string]string{"access_point": "wifi", "reason": "interface wifi is down"}},
-		{"connections closed", map[string]string{"destination": "internet", "access_point": "wifi", "count": "1"}},
-		{"destination switched", map[string]string{"destination": "internet", "from": "wifi", "to": "cell"}},
-		{"destination switched", map[string]string{"destination": "patient", "from": "wifi", "to": "cell"}},
+		{"interface_down", map[string]string{"interface": "wifi"}},
+		{"access_point_unusable", map[string]string{"access_point": "wifi", "reason": "interface wifi is down"}},
+		{"connections_closed", map[string]string{"destination": "internet", "access_point": "wifi", "count": "1"}},
+		{"destination_switched", map[string]string{"destination": "internet", "from": "wifi", "to": "cell"}},
+		{"destination_switched", map[string]string{"destination": "patient", "from": "wifi", "to": "cell"}},
 	} {
 		if r := d.WaitRecord(t, 2*time.Second, t0, rec.msg, rec.attrs); r.Level != "INFO" {
 			t.Errorf("%q logged at %s, want INFO", rec.msg, r.Level)
 		}
 	}
-	if n := len(d.Records("connections closed", map[string]string{"destination": "patient"})); n != 0 {
+	if n := len(d.Records("connections_closed", map[string]string{"destination": "patient"})); n != 0 {
 		t.Errorf("logged %d closes of patient's connections, want none", n)
 	}
 
@@ -164,7 +164,7 @@ func TestPrivilegedFailoverOnLinkDown(t *testing.T) {
 	// Back up: new connections stay on cell for the hold-down, then return.
 	t1 := time.Now()
 	wifi.LinkUp(t)
-	usable := d.WaitRecord(t, 3*time.Second, t1, "access point usable", map[string]string{"access_point": "wifi"})
+	usable := d.WaitRecord(t, 3*time.Second, t1, "access_point_usable", map[string]string{"access_point": "wifi"})
 	if out, code := bed.Curl(t, browser...); code != 0 || out != viaCell {
 		t.Errorf("right after wifi came back: exit %d and %q, want exit 0 and %q (hold-down)", code, out, viaCell)
 	}
@@ -178,8 +178,8 @@ func TestPrivilegedFailoverOnLinkDown(t *testing.T) {
 	if failBack < time.Second || failBack > 2500*time.Millisecond {
 		t.Errorf("first connection on wifi %v after it was usable again, want after the hold-down of 1s and within 2.5s", failBack)
 	}
-	d.WaitRecord(t, time.Second, t1, "interface up", map[string]string{"interface": "wifi"})
-	d.WaitRecord(t, time.Second, t1, "destination switched", map[string]string{"destination": "internet", "from": "cell", "to": "wifi"})
+	d.WaitRecord(t, time.Second, t1, "interface_up", map[string]string{"interface": "wifi"})
+	d.WaitRecord(t, time.Second, t1, "destination_switched", map[string]string{"destination": "internet", "from": "cell", "to": "wifi"})
 }
 
 // probePolicy gives wifi a probe of its web server every 300ms, which
@@ -216,7 +216,7 @@ func TestPrivilegedProbeFailure(t *testing.T) {
 	t.Cleanup(wifi.Answer)
 	const interval, failures = 300 * time.Millisecond, 3
 
-	d.WaitRecord(t, 3*time.Second, time.Time{}, "destination switched", map[string]string{"destination": "internet", "to": "wifi"})
+	// wifi is usable once its first probe passed.
 	curlUntil(t, bed, 2*time.Second, viaWifi, "--socks5-hostname", "127.0.0.1:1080", "http://both.test/")
 
 	// The link stays up while wifi's servers stop answering: the probe
@@ -224,7 +224,7 @@ func TestPrivilegedProbeFailure(t *testing.T) {
 	// of the last probe).
 	t0 := time.Now()
 	wifi.StopAnswering()
-	down := d.WaitRecord(t, 3*time.Second, t0, "access point unusable", map[string]string{"access_point": "wifi"})
+	down := d.WaitRecord(t, 3*time.Second, t0, "access_point_unusable", map[string]string{"access_point": "wifi"})
 	byProbe := down.Time.Sub(t0)
 	t.Logf("probe_unusable_ms=%d (interval×failures %d)", byProbe.Milliseconds(), (interval * failures).Milliseconds())
 	if limit := interval*failures + 200*time.Millisecond + 100*time.Millisecond; byProbe > limit {
@@ -244,7 +244,7 @@ func TestPrivilegedProbeFailure(t *testing.T) {
 	// Servers back: one pass makes wifi usable again.
 	t1 := time.Now()
 	wifi.Answer()
-	d.WaitRecord(t, 3*time.Second, t1, "access point usable", map[string]string{"access_point": "wifi"})
+	d.WaitRecord(t, 3*time.Second, t1, "access_point_usable", map[string]string{"access_point": "wifi"})
 	curlUntil(t, bed, 2*time.Second, viaWifi, "--socks5-hostname", "127.0.0.1:1080", "http://both.test/")
 
 	// Silent again, with traffic: names that wifi's resolver has not
@@ -258,7 +258,7 @@ func TestPrivilegedProbeFailure(t *testing.T) {
 			t.Errorf("connection %d while wifi is silent: exit %d and %q, want exit 0 and %q", i, code, out, viaCell)
 		}
 	}
-	down = d.WaitRecord(t, 3*time.Second, t2, "access point unusable", map[string]string{"access_point": "wifi"})
+	down = d.WaitRecord(t, 3*time.Second, t2, "access_point_unusable", map[string]string{"access_point": "wifi"})
 	byDials := down.Time.Sub(t2)
 	t.Logf("dial_unusable_ms=%d", byDials.Milliseconds())
 	if reason := down.Attr("reason"); !strings.HasPrefix(reason, "2 dials in a row failed: ") {
@@ -390,7 +390,7 @@ func TestPrivilegedCostAndRequirement(t *testing.T) {
 
 	t0 := time.Now()
 	eth.LinkDown(t)
-	d.WaitRecord(t, 2*time.Second, t0, "access point unusable", map[string]string{"access_point": "eth"})
+	d.WaitRecord(t, 2*time.Second, t0, "access_point_unusable", map[string]string{"access_point": "eth"})
 	curlUntil(t, bed, 2*time.Second, viaCell, append(anyApp, "http://both.test/")...)
 
 	// The app that requires unmetered is refused rather than carried by
@@ -480,7 +480,7 @@ func TestPrivilegedFailClosed(t *testing.T) {
 	t0 := time.Now()
 	bed.Uplink("wifi").LinkDown(t)
 	bed.Uplink("cell").LinkDown(t)
-	d.WaitRecord(t, 2*time.Second, t0, "destination switched", map[string]string{"destination": "internet", "to": ""})
+	d.WaitRecord(t, 2*time.Second, t0, "destination_switched", map[string]string{"destination": "internet", "to": ""})
 	lan.ResetQueries()
 	accepted := lan.Accepted()
 
@@ -535,9 +535,9 @@ func TestPrivilegedRecreatedUplink(t *testing.T) {
 	t0 := time.Now()
 	cell.Recreate(t)
 	curlUntil(t, bed, 5*time.Second, viaCell, mail...)
-	added := d.WaitRecord(t, time.Second, t0, "interface added", map[string]string{"interface": "cell"})
+	added := d.WaitRecord(t, time.Second, t0, "interface_added", map[string]string{"interface": "cell"})
 	if reason := added.Attr("reason"); !strings.HasPrefix(reason, "re-created, index ") {
 		t.Errorf("interface added with reason %q, want it re-created under a new index", reason)
 	}
-	d.WaitRecord(t, time.Second, t0, "access point usable", map[string]string{"access_point": "cell"})
+	d.WaitRecord(t, time.Second, t0, "access_point_usable", map[string]string{"access_point": "cell"})
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"os"
 	"os/exec"
@@ -66,50 +65,6 @@ func startService(t *testing.T, opts testbed.StartOptions) (*testbed.Bed, *testb
 	netnstest.Require(t)
 	bed := testbed.New(t, testbed.Options{})
 	return bed, bed.StartWith(t, serviceYAML("wifi"), opts)
-}
-
-// backgroundCmd is a command running in the bed while the test goes on.
-type backgroundCmd struct {
-	cmd    *exec.Cmd
-	stdout bytes.Buffer
-	done   chan struct{}
-	code   int
-}
-
-// startCurl runs curl in the host namespace in the background.
-func startCurl(t *testing.T, bed *testbed.Bed, args ...string) *backgroundCmd {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	b := &backgroundCmd{done: make(chan struct{})}
-	b.cmd = bed.Host.Command(ctx, "/usr/bin/curl", append([]string{"-q", "-sS", "--max-time", "25"}, args...)...)
-	b.cmd.Stdout = &b.stdout
-	b.cmd.Stderr = os.Stderr
-	if err := b.cmd.Start(); err != nil {
-		cancel()
-		t.Fatalf("starting curl: %v", err)
-	}
-	go func() {
-		defer cancel()
-		b.cmd.Wait()
-		b.code = b.cmd.ProcessState.ExitCode()
-		close(b.done)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-b.done
-	})
-	return b
-}
-
-// wait returns curl's output and exit code once it has exited.
-func (b *backgroundCmd) wait(t *testing.T) (string, int) {
-	t.Helper()
-	select {
-	case <-b.done:
-	case <-time.After(30 * time.Second):
-		t.Fatal("curl did not exit within 30 s")
-	}
-	return b.stdout.String(), b.code
 }
 
 // waitUntil polls cond every 20 ms until it holds or five seconds pass.
@@ -228,7 +183,7 @@ func TestPrivilegedControlCommands(t *testing.T) {
 	// A held download shows in conns, and closing it ends curl's transfer.
 	release := wifi.Hold()
 	defer release()
-	held := startCurl(t, bed, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
+	held := bed.StartCurl(t, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
 	waitUntil(t, "the download to be held", func() bool { return wifi.Holding() == 1 })
 	out, _, code = d.CLI(t, "conns", "-json")
 	var conns []admin.Conn
@@ -252,7 +207,7 @@ func TestPrivilegedControlCommands(t *testing.T) {
 	if out, _, code := d.CLI(t, "conns", "-close", strconv.FormatUint(c.ID, 10)); code != 0 || out != "closed connection "+strconv.FormatUint(c.ID, 10)+"\n" {
 		t.Errorf("iapd conns -close: exit %d, output %q", code, out)
 	}
-	if body, code := held.wait(t); code == 0 || strings.Contains(body, "done") {
+	if body, code := held.Finish(t); code == 0 || strings.Contains(body, "done") {
 		t.Errorf("the closed download: curl exit %d with body %q, want a failure before done", code, body)
 	}
 
@@ -301,7 +256,7 @@ func TestPrivilegedReloadKeepsOpenDownload(t *testing.T) {
 	release := wifi.Hold()
 	defer release()
 
-	held := startCurl(t, bed, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
+	held := bed.StartCurl(t, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
 	waitUntil(t, "the download to be held", func() bool { return wifi.Holding() == 1 })
 
 	// browser moves to cell, listener 1081 goes and 1082 comes.
@@ -323,7 +278,7 @@ func TestPrivilegedReloadKeepsOpenDownload(t *testing.T) {
 	}
 
 	release()
-	body, code := held.wait(t)
+	body, code := held.Finish(t)
 	if code != 0 || body != viaWifi+"done\n" {
 		t.Errorf("the download open across the reload: curl exit %d, body %q; want exit 0 and %q", code, body, viaWifi+"done\n")
 	}
@@ -462,7 +417,7 @@ func TestPrivilegedSIGTERMDrains(t *testing.T) {
 			wifi := bed.Uplink("wifi")
 			release := wifi.Hold()
 			defer release()
-			held := startCurl(t, bed, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
+			held := bed.StartCurl(t, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
 			waitUntil(t, "the download to be held", func() bool { return wifi.Holding() == 1 })
 
 			stopped := make(chan error, 1)
@@ -481,7 +436,7 @@ func TestPrivilegedSIGTERMDrains(t *testing.T) {
 			if err := <-stopped; err != nil {
 				t.Errorf("iapd after SIGTERM: %v, want exit status 0", err)
 			}
-			body, code := held.wait(t)
+			body, code := held.Finish(t)
 			if body != tt.wantBody {
 				t.Errorf("held download: curl exit %d, body %q; want %q", code, body, tt.wantBody)
 			}

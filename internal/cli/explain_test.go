@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"iapd/dns"
 	"iapd/policy"
 )
 
@@ -75,6 +76,7 @@ func TestWriteExplanation(t *testing.T) {
 			},
 			want: `app:         laptop
 target:      www.example.com:443 (not dialled)
+route:       none matches; the app's destination applies
 destination: internet
 rules:       select cost, hold-down 5s, on_lost close, on_better keep
 
@@ -82,8 +84,10 @@ access points, in the destination's order:
   1. wifi: interface wlan-test0 (wifi, cost 0, unmetered)
        usable
        probe: http http://192.0.2.80/generate_204 every 5s: passed, 12ms
+       dns: 192.0.2.53:53 from the policy
   2. cell: interface wwan-test0 (cellular, cost 10, metered)
        usable
+       dns: 198.51.100.53:53 from the policy
 
 would use: wifi, lowest cost (0)
 then:      cell
@@ -98,6 +102,7 @@ then:      cell
 			},
 			want: `app:         laptop
 target:      www.example.com:443 (not dialled)
+route:       none matches; the app's destination applies
 destination: internet
 rules:       select cost, hold-down 5s, on_lost close, on_better keep
 
@@ -105,8 +110,10 @@ access points, in the destination's order:
   1. wifi: interface wlan-test0 (wifi, cost 0, unmetered)
        unusable: probe failed: context deadline exceeded
        probe: http http://192.0.2.80/generate_204 every 5s: failed 3 times in a row: context deadline exceeded
+       dns: 192.0.2.53:53 from the policy
   2. cell: interface wwan-test0 (cellular, cost 10, metered)
        usable
+       dns: 198.51.100.53:53 from the policy
 
 would use: cell, lowest cost (10)
 `,
@@ -120,6 +127,7 @@ would use: cell, lowest cost (10)
 			},
 			want: `app:         backup
 target:      www.example.com:443 (not dialled)
+route:       none matches; the app's destination applies
 destination: internet
 rules:       select cost, hold-down 5s, on_lost close, on_better keep
 requires:    type wifi or ethernet, unmetered
@@ -128,8 +136,10 @@ access points, in the destination's order:
   1. wifi: interface wlan-test0 (wifi, cost 0, unmetered)
        usable, held down until 12:00:03
        probe: http http://192.0.2.80/generate_204 every 5s: passed, 12ms
+       dns: 192.0.2.53:53 from the policy
   2. cell: interface wwan-test0 (cellular, cost 10, metered)
        usable, but left out: interface wwan-test0 is cellular, and the app requires wifi or ethernet
+       dns: 198.51.100.53:53 from the policy
 
 would use: wifi, lowest cost (0); it came back 2s ago and is held down for 5s, but nothing else is usable
 `,
@@ -143,6 +153,7 @@ would use: wifi, lowest cost (0); it came back 2s ago and is held down for 5s, b
 			},
 			want: `app:         backup
 target:      www.example.com:443 (not dialled)
+route:       none matches; the app's destination applies
 destination: internet
 rules:       select cost, hold-down 5s, on_lost close, on_better keep
 requires:    type wifi or ethernet, unmetered
@@ -151,8 +162,10 @@ access points, in the destination's order:
   1. wifi: interface wlan-test0 (wifi, cost 0, unmetered)
        unusable: interface wlan-test0 is down
        probe: http http://192.0.2.80/generate_204 every 5s: paused while the link is unusable
+       dns: 192.0.2.53:53 from the policy
   2. cell: interface wwan-test0 (cellular, cost 10, metered)
        usable, but left out: interface wwan-test0 is cellular, and the app requires wifi or ethernet
+       dns: 198.51.100.53:53 from the policy
 
 would use: none; SOCKS5 clients get reply 3 (network unreachable) and HTTP clients 503 with:
   destination "internet": policy: no usable access point (wifi: interface wlan-test0 is down; cell: interface wwan-test0 is cellular, and the app requires wifi or ethernet)
@@ -162,7 +175,8 @@ would use: none; SOCKS5 clients get reply 3 (network unreachable) and HTTP clien
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var out bytes.Buffer
-			writeExplanation(&out, pol.Apps[tt.app], "www.example.com:443", tt.state)
+			plan := policy.NewPlan(pol.Apps[tt.app], "www.example.com:443", tt.state)
+			writeExplain(t.Context(), &out, plan, "www.example.com:443", tt.state, dns.DiscoverConfig{})
 			if out.String() != tt.want {
 				t.Errorf("explanation:\n%s\nwant:\n%s", out.String(), tt.want)
 			}
@@ -188,20 +202,20 @@ func TestExplainCommand(t *testing.T) {
 			args: []string{"-c", path, "--app", "laptop", "--target", "www.example.com:443"},
 			want: []string{
 				"       unusable: interface wlan-test0 not found",
-				"       probe: http http://192.0.2.80/generate_204 every 5s: not sent; add --probe to send it once",
+				"       probe: http http://192.0.2.80/generate_204 every 5s: not sent; add -probe to send it once",
 				"       unusable: interface wwan-test0 not found",
 				"would use: none; SOCKS5 clients get reply 3 (network unreachable) and HTTP clients 503 with:",
 			},
 		},
-		{name: "no app", args: []string{"-c", path, "--target", "www.example.com:443"}, usage: true, wantErr: "explain needs --app NAME and --target HOST:PORT"},
+		{name: "no app", args: []string{"-c", path, "--target", "www.example.com:443"}, usage: true, wantErr: "explain needs -app and -target"},
 		{name: "unknown app", args: []string{"-c", path, "--app", "mail", "--target", "www.example.com:443"}, usage: true, wantErr: `no app named "mail" in ` + path + "; apps: backup, laptop"},
-		{name: "target without port", args: []string{"-c", path, "--app", "laptop", "--target", "www.example.com"}, usage: true, wantErr: `invalid target "www.example.com": want host:port with a port from 1 to 65535, like example.com:443`},
-		{name: "target port zero", args: []string{"-c", path, "--app", "laptop", "--target", "www.example.com:0"}, usage: true, wantErr: `invalid target "www.example.com:0": want host:port with a port from 1 to 65535, like example.com:443`},
+		{name: "target without port", args: []string{"-c", path, "--app", "laptop", "--target", "www.example.com"}, usage: true, wantErr: `invalid -target "www.example.com": want host:port with a port from 1 to 65535, like example.com:443`},
+		{name: "target port zero", args: []string{"-c", path, "--app", "laptop", "--target", "www.example.com:0"}, usage: true, wantErr: `invalid -target "www.example.com:0": want host:port with a port from 1 to 65535, like example.com:443`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
-			err := explainCommand(tt.args, &stdout, &stderr)
+			err := explainPolicyCommand(tt.args, &stdout, &stderr)
 			if tt.wantErr != "" {
 				if err == nil || err.Error() != tt.wantErr {
 					t.Fatalf("error = %v, want %s", err, tt.wantErr)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"iapd/admin"
 	"iapd/dns"
 	"iapd/iface"
 	"iapd/internal/event"
@@ -138,10 +139,12 @@ destinations:
 	ch, unsubscribe := bus.Subscribe(32)
 	defer unsubscribe()
 
-	sv := newSupervisor(pol, newEvents(bus, logger), newConditions(pol, health), conns.closeConns)
+	conds := newConditions(pol, health, nil)
+	watcher := admin.NewWatcher(bus, nil, func() *policy.Policy { return pol }, logger)
+	sv := newSupervisor(pol, watcher.Publish, func() *conditions { return conds }, conns.closeConns)
 	defer sv.stop()
 	sv.evaluate()
-	if got := sv.conditions.Current(pol.Destinations["internet"]); got != wifi {
+	if got := conds.Current(pol.Destinations["internet"]); got != wifi {
 		t.Fatalf("internet prefers %v at start, want wifi", got)
 	}
 
@@ -170,7 +173,7 @@ destinations:
 	if got := recvEvents(t, ch, 1); got[0] != "access_point_usable interface=wlan0 access_point=wifi" {
 		t.Errorf("event when wifi came back = %q", got[0])
 	}
-	if got := sv.conditions.Current(pol.Destinations["internet"]); got != cell {
+	if got := conds.Current(pol.Destinations["internet"]); got != cell {
 		t.Errorf("internet prefers %v during the hold-down, want cell", got)
 	}
 	want = []string{
@@ -203,47 +206,10 @@ destinations:
 
 	logMu.Lock()
 	defer logMu.Unlock()
-	for _, msg := range []string{`msg="access point unusable"`, `msg="destination switched"`, `msg="connections closed"`, `msg="access point usable"`} {
+	for _, msg := range []string{"msg=access_point_unusable", "msg=destination_switched", "msg=connections_closed", "msg=access_point_usable"} {
 		if !strings.Contains(logs.String(), "level=INFO "+msg) {
 			t.Errorf("log lacks an Info record %s:\n%s", msg, logs.String())
 		}
-	}
-}
-
-func TestSupervisorLinkEvents(t *testing.T) {
-	pol, err := policy.Parse("links.yaml", []byte(`
-listeners:
-  - listen: "127.0.0.1:0"
-    app: browser
-apps:
-  browser: {access_point: local}
-access_points:
-  local: {interface: lo, dns: [192.0.2.53]}
-`))
-	if err != nil {
-		t.Fatalf("Parse: %v", err)
-	}
-	bus := event.NewBus()
-	ch, unsubscribe := bus.Subscribe(8)
-	defer unsubscribe()
-	sv := newSupervisor(pol, newEvents(bus, slog.New(slog.DiscardHandler)), newConditions(pol, &fakeHealth{}), (&fakeConns{}).closeConns)
-
-	m, err := iface.NewMonitor(nil)
-	if err != nil {
-		t.Fatalf("NewMonitor: %v", err)
-	}
-	defer m.Close()
-	// Every interface of the host appears at once; only lo is the
-	// policy's, so only its change is published.
-	sv.linkChanged(nil, m.Snapshot())
-	got := recvEvents(t, ch, 1)
-	if !strings.HasPrefix(got[0], "interface_added interface=lo reason=up, addresses [127.0.0.1/8") {
-		t.Errorf("event = %q, want lo added and up", got[0])
-	}
-	select {
-	case e := <-ch:
-		t.Errorf("published %+v for an interface the policy does not name", e)
-	default:
 	}
 }
 

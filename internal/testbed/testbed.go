@@ -347,13 +347,13 @@ type CurlProcess struct {
 	stdout bytes.Buffer
 }
 
-// StartCurl starts curl inside the host namespace like Curl, but without
-// a time limit, and returns at once. The test's cleanup kills it if it is
-// still running.
+// StartCurl starts curl inside the host namespace like Curl, but with
+// --max-time 25 and without waiting for it. The test's cleanup kills it
+// if it is still running.
 func (b *Bed) StartCurl(t testing.TB, args ...string) *CurlProcess {
 	t.Helper()
 	p := &CurlProcess{done: make(chan struct{})}
-	p.cmd = b.Host.Command(context.Background(), "/usr/bin/curl", append([]string{"-q", "-sS", "-N"}, args...)...)
+	p.cmd = b.Host.Command(context.Background(), "/usr/bin/curl", append([]string{"-q", "-sS", "-N", "--max-time", "25"}, args...)...)
 	p.cmd.Env = withoutProxyVariables(os.Environ())
 	p.cmd.Stdout = lockedBuffer{p}
 	sink := newLogSink(t)
@@ -420,6 +420,17 @@ func (p *CurlProcess) Wait(timeout time.Duration) (code int, exited bool) {
 	case <-time.After(timeout):
 		return 0, false
 	}
+}
+
+// Finish waits for curl to exit and returns its standard output and exit
+// code. It fails t when curl is still running after 30 seconds.
+func (p *CurlProcess) Finish(t testing.TB) (string, int) {
+	t.Helper()
+	code, exited := p.Wait(30 * time.Second)
+	if !exited {
+		t.Fatal("curl did not exit within 30 s")
+	}
+	return p.Output(), code
 }
 
 // Exited reports whether curl has exited, and its exit code if so.
