@@ -168,7 +168,7 @@ func TestPrivilegedStatusPageFollowsEvents(t *testing.T) {
 	wifi := bed.Uplink("wifi")
 	release := wifi.Hold()
 	defer release()
-	held := startCurl(t, bed, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
+	held := bed.StartCurl(t, "--socks5-hostname", "127.0.0.1:1080", "http://www.wifi.test/hold")
 	waitUntil(t, "the download to be held", func() bool { return wifi.Holding() == 1 })
 	heldRow := "browser\t127.0.0.1:1080\twww.wifi.test:80\twifi\twifi\t"
 	page.waitFor(t, "the held connection", connectionsText, contains(heldRow))
@@ -210,7 +210,7 @@ func TestPrivilegedStatusPageFollowsEvents(t *testing.T) {
 		t.Errorf("the page was loaded again (mark %q, error %v), want one load", got, err)
 	}
 	release()
-	if body, code := held.wait(t); code != 0 || body != viaWifi+"done\n" {
+	if body, code := held.Finish(t); code != 0 || body != viaWifi+"done\n" {
 		t.Errorf("the held download: curl exit %d with body %q, want 0 and %q", code, body, viaWifi+"done\n")
 	}
 }
