@@ -220,14 +220,14 @@ func TestPrivilegedProbeFailure(t *testing.T) {
 	curlUntil(t, bed, 2*time.Second, viaWifi, "--socks5-hostname", "127.0.0.1:1080", "http://both.test/")
 
 	// The link stays up while wifi's servers stop answering: the probe
-	// alone takes it down within interval × failures (plus the timeout
-	// of the last probe).
+	// alone takes it down within interval × failures plus the timeout of
+	// the last probe, and here 400 ms for a busy machine.
 	t0 := time.Now()
 	wifi.StopAnswering()
 	down := d.WaitRecord(t, 3*time.Second, t0, "access_point_unusable", map[string]string{"access_point": "wifi"})
 	byProbe := down.Time.Sub(t0)
 	t.Logf("probe_unusable_ms=%d (interval×failures %d)", byProbe.Milliseconds(), (interval * failures).Milliseconds())
-	if limit := interval*failures + 200*time.Millisecond + 100*time.Millisecond; byProbe > limit {
+	if limit := interval*failures + 200*time.Millisecond + 400*time.Millisecond; byProbe > limit {
 		t.Errorf("unusable %v after the servers went silent, want within %v", byProbe, limit)
 	}
 	if reason := down.Attr("reason"); !strings.HasPrefix(reason, "probe failed: ") {
@@ -535,9 +535,16 @@ func TestPrivilegedRecreatedUplink(t *testing.T) {
 	t0 := time.Now()
 	cell.Recreate(t)
 	curlUntil(t, bed, 5*time.Second, viaCell, mail...)
+	// Whether iapd saw the deletion on its own depends on how the kernel's
+	// messages fell into its debounce: either the interface was removed
+	// and added, or it was added again under a new index.
 	added := d.WaitRecord(t, time.Second, t0, "interface_added", map[string]string{"interface": "cell"})
-	if reason := added.Attr("reason"); !strings.HasPrefix(reason, "re-created, index ") {
-		t.Errorf("interface added with reason %q, want it re-created under a new index", reason)
+	removed := d.Records("interface_removed", map[string]string{"interface": "cell"})
+	if reason := added.Attr("reason"); !strings.HasPrefix(reason, "re-created, index ") && len(removed) == 0 {
+		t.Errorf("interface added with reason %q and never removed, want it re-created under a new index", reason)
 	}
+	// Connections over the old interface are dead either way, so the
+	// access point counts as lost and back.
+	d.WaitRecord(t, time.Second, t0, "access_point_unusable", map[string]string{"access_point": "cell"})
 	d.WaitRecord(t, time.Second, t0, "access_point_usable", map[string]string{"access_point": "cell"})
 }
