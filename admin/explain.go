@@ -19,7 +19,7 @@ type Explanation struct {
 	Requires     string            `json:"requires,omitempty"` // the app's requirement; empty for none
 	AccessPoints []ExplainedAccess `json:"access_points"`      // in the destination's order
 	Chosen       string            `json:"chosen,omitempty"`
-	Why          string            `json:"why,omitempty"`   // why Chosen comes first
+	Why          string            `json:"why,omitempty"`   // the reason Chosen comes first
 	Error        string            `json:"error,omitempty"` // the reason that no access point would be tried
 }
 
@@ -28,7 +28,7 @@ type Explanation struct {
 type ExplainedAccess struct {
 	Name      string `json:"name"`
 	Interface string `json:"interface"`
-	Link      string `json:"link,omitempty"` // what the policy says about the interface: type, cost, metered
+	Link      string `json:"link,omitempty"` // the policy's facts about the interface: type, cost, metered
 	Usable    bool   `json:"usable"`         // it would be tried
 	Reason    string `json:"reason,omitempty"`
 	// Filtered is true when the access point is usable but the app's
@@ -108,8 +108,8 @@ func ExplainPlan(plan policy.Plan, target string, conditions policy.Conditions, 
 	return ex
 }
 
-// DescribeRules says in words how d chooses and what happens to the open
-// connections when its choice changes.
+// DescribeRules returns, in words, how d chooses and what happens to the
+// open connections when its choice changes.
 func DescribeRules(d *policy.Destination) string {
 	rules := "select " + d.Select.String()
 	switch d.Select {
@@ -121,7 +121,7 @@ func DescribeRules(d *policy.Destination) string {
 	return fmt.Sprintf("%s, hold-down %s, on_lost %s, on_better %s", rules, d.HoldDown, d.OnLost, d.OnBetter)
 }
 
-// DescribeRequirement says in words what r accepts.
+// DescribeRequirement returns, in words, what r accepts.
 func DescribeRequirement(r policy.Requirement) string {
 	var parts []string
 	if len(r.Types) > 0 {

@@ -30,12 +30,10 @@ func hasPolicyFlag(args []string) bool {
 	return false
 }
 
-// explainPolicyCommand prints what iapd would do with one connection: the
-// route that matches, the destination and its rules, each access point
-// with its link facts, whether it can carry the connection and why not,
-// its probe and where its DNS servers come from, and the one that would be
-// tried first. It dials nothing and sends no DNS query, unless -probe asks
-// it to send the probes once.
+// explainPolicyCommand prints what iapd would do with one connection, as
+// writeExplain describes, from the policy file and the interfaces as they
+// are now. It dials nothing and sends no DNS query, unless -probe sends
+// the probes once.
 func explainPolicyCommand(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("explain", stderr)
 	path := fs.String("c", defaultPolicyPath, "policy `file` to read")
