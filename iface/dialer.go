@@ -81,6 +81,11 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 
 // checkRoute returns an error wrapping ErrNoRoute when the access point's
 // table is not installed or has no route to target.
+//
+// NOTE: readiness is what the last reconcile found. A link that goes down
+// and up again between two reads of interface state leaves its table empty
+// while it still counts as installed, until the next read repairs it; an
+// IPv4 dial in that window can wait for neighbour resolution.
 func (d *Dialer) checkRoute(ifc *Interface, target netip.Addr) error {
 	if d.routesReady != nil && !d.routesReady() {
 		return fmt.Errorf("routing table of interface %s not installed yet: %w", ifc.Name, ErrNoRoute)
