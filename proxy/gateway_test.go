@@ -453,4 +453,3 @@ func TestRoutesHTTP(t *testing.T) {
 		})
 	}
 }
-
