@@ -29,6 +29,7 @@ listeners:
   - listen: "0.0.0.0:3128"
     protocol: http
     app: corp
+    allow_clients: [192.0.2.0/24]
 apps:
   browser:
     destination: internet

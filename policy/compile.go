@@ -55,6 +55,13 @@ func compile(raw *rawPolicy) (*Policy, ErrorList) {
 		Mark:         uint32(raw.Routing.Mark),
 		RulePriority: int(raw.Routing.Priority),
 	}
+	c.p.Limits = Limits{
+		HandshakeTimeout: raw.Limits.HandshakeTimeout,
+		DialTimeout:      raw.Limits.DialTimeout,
+		IdleTimeout:      raw.Limits.IdleTimeout,
+		MaxHeaderBytes:   int(raw.Limits.MaxHeaderBytes),
+		AuthFailureDelay: raw.Limits.AuthFailureDelay,
+	}
 	return c.p, c.errs
 }
 
@@ -78,6 +85,8 @@ func (c *compiler) accessPoints() {
 			AutoDNS:     raw.dnsAuto.IsSet(),
 			DNSTimeouts: slices.Clone(defaultDNSTimeouts),
 			Index:       i,
+
+			MaxConnections: int(raw.MaxConnections),
 		}
 		for _, s := range raw.DNS {
 			ap.DNS = append(ap.DNS, zoneDNSServer(s.Addr, ap))
@@ -167,9 +176,12 @@ func (c *compiler) destinations() {
 func (c *compiler) apps() {
 	for _, raw := range c.raw.Apps {
 		app := &App{
-			Name:          raw.Name,
-			AllowOverride: raw.allowAll || len(raw.AllowOverride) > 0,
-			Require:       Requirement{Types: raw.Require.types, Metered: raw.Require.metered},
+			Name:              raw.Name,
+			AllowOverride:     raw.allowAll || len(raw.AllowOverride) > 0,
+			Require:           Requirement{Types: raw.Require.types, Metered: raw.Require.metered},
+			Priority:          int(raw.Priority),
+			MaxConnections:    int(raw.MaxConnections),
+			AllowLocalTargets: raw.AllowLocalTargets,
 		}
 		if raw.dnsListenParsed {
 			app.DNSListen = raw.dnsListenAddr.String()
@@ -333,7 +345,10 @@ func (p *rawPolicy) destination(name string) *rawDestination {
 func (c *compiler) listeners() {
 	for i, raw := range c.raw.Listeners {
 		path := fmt.Sprintf("listeners[%d]", i)
-		l := &Listener{Listen: raw.Listen.Value, Protocol: raw.protocol}
+		l := &Listener{Listen: raw.Listen.Value, Protocol: raw.protocol, MaxConnections: int(raw.MaxConnections)}
+		for _, p := range raw.AllowClients {
+			l.AllowClients = append(l.AllowClients, p.Prefix)
+		}
 		c.p.Listeners = append(c.p.Listeners, l)
 
 		if raw.App.IsSet() {
@@ -345,7 +360,7 @@ func (c *compiler) listeners() {
 		}
 		for j, ru := range raw.Users {
 			userPath := fmt.Sprintf("%s.users[%d]", path, j)
-			u := &User{Name: ru.Name.Value}
+			u := &User{Name: ru.Name.Value, secret: &secret{}}
 			if ru.App.IsSet() {
 				u.App = c.app(ru.App, userPath+".app")
 			}
@@ -354,20 +369,23 @@ func (c *compiler) listeners() {
 				l.Users[u.Name] = u
 			}
 		}
-		if l.HasUsers() && !hasBcryptUser(l) {
-			l.unknownUser = plainDummySecret
+		if l.HasUsers() {
+			l.unknownUser = decoySecret(l, raw)
 		}
 	}
 }
 
-// hasBcryptUser reports whether a user of l has a bcrypt hash.
-func hasBcryptUser(l *Listener) bool {
-	for _, u := range l.Users {
-		if u.secret.hash != nil {
-			return true
+// decoySecret returns the secret to check for unknown user names on l: the
+// first hashed user's in file order, so that an unknown name costs the
+// same hash as a known one, or a random plain value when no user is hashed.
+// Identify checks the decoy without its cache, and ignores the result.
+func decoySecret(l *Listener, raw *rawListener) *secret {
+	for _, ru := range raw.Users {
+		if u, ok := l.Users[ru.Name.Value]; ok && u.secret.isHashed() {
+			return u.secret
 		}
 	}
-	return false
+	return newPlainDecoy()
 }
 
 // app resolves an app name, adding an error at t when there is none.
@@ -410,6 +428,14 @@ const maxSOCKS5Password = 255
 // environment variable it names.
 func (c *compiler) userSecret(u *User, raw *rawUser, proto Protocol, path string) {
 	switch {
+	case raw.PasswordHash.IsSet() && strings.HasPrefix(raw.PasswordHash.Value, "$argon2"):
+		h, msg := parseArgon2id(raw.PasswordHash.Value)
+		if msg != "" {
+			c.errs.add(raw.PasswordHash.Pos, path+".password_hash", "invalid argon2id hash: %s", msg)
+			return
+		}
+		u.secret.argon2 = h
+
 	case raw.PasswordHash.IsSet():
 		hash := raw.PasswordHash.Value
 		if _, err := bcrypt.Cost([]byte(hash)); err != nil {
@@ -422,7 +448,7 @@ func (c *compiler) userSecret(u *User, raw *rawUser, proto Protocol, path string
 			c.errs.add(raw.PasswordHash.Pos, path+".password_hash", "invalid bcrypt hash: %s", msg)
 			return
 		}
-		u.secret.hash = []byte(hash)
+		u.secret.bcrypt = []byte(hash)
 
 	case raw.PasswordEnv.IsSet():
 		name := raw.PasswordEnv.Value

@@ -26,7 +26,7 @@ type Usability interface {
 // choosing cell. On a listener of one app the credentials are ignored,
 // except that a user name "APP+NAME", with APP the listener's app, chooses
 // NAME. Identify does not check the choice; NewOverridePlan does.
-func (l *Listener) Identify(user, password string, hasCredentials bool) (*App, string, error) {
+func (l *Listener) Identify(user string, password Password, hasCredentials bool) (*App, string, error) {
 	name, choice, _ := strings.Cut(user, "+")
 	if !l.HasUsers() {
 		if hasCredentials && l.App != nil && name == l.App.Name {
@@ -42,7 +42,7 @@ func (l *Listener) Identify(user, password string, hasCredentials bool) (*App, s
 	if !ok {
 		// Spend the time of a real check, so that a client cannot tell
 		// unknown users from wrong passwords by the reply time.
-		l.unknownUserSecret().check(password)
+		l.unknownUserSecret().check(password, false)
 		return nil, "", ErrBadCredentials
 	}
 	if !u.CheckPassword(password) {

@@ -1,7 +1,12 @@
 package policy
 
 import (
+	"encoding/hex"
 	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -78,7 +83,7 @@ func TestListenerIdentify(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			app, choice, err := tt.listener.Identify(tt.user, tt.password, tt.hasCreds)
+			app, choice, err := tt.listener.Identify(tt.user, Password(tt.password), tt.hasCreds)
 			if tt.wantErr != nil {
 				if !errors.Is(err, tt.wantErr) {
 					t.Fatalf("Identify error = %v, want %v", err, tt.wantErr)
@@ -283,12 +288,17 @@ func equalStrings(a, b []string) bool {
 	return true
 }
 
-// TestUnknownUserSecret checks that unknown user names cost a bcrypt run
-// only where a real user's check does.
+// TestUnknownUserSecret checks that an unknown user name is checked
+// against a secret that costs what a real user's check costs.
 func TestUnknownUserSecret(t *testing.T) {
 	p := identifyPolicy(t)
-	if got := p.Listeners[1].unknownUserSecret(); got != dummySecret {
-		t.Errorf("listener with a bcrypt user: unknown users checked against %p, want dummySecret", got)
+	creds := p.Listeners[1]
+	if got, want := creds.unknownUserSecret(), creds.Users["alice"].secret; got != want {
+		t.Errorf("listener with a bcrypt user: unknown users checked against %p, want alice's secret %p", got, want)
+	}
+	// A decoy that matched must still not let the unknown user in.
+	if _, _, err := creds.Identify("carol", "alice-password", true); !errors.Is(err, ErrBadCredentials) {
+		t.Errorf("Identify(unknown user, alice's password) error = %v, want ErrBadCredentials", err)
 	}
 
 	setEnv(t, map[string]string{"IAPD_BOB": "bob-password"})
@@ -303,10 +313,79 @@ access_points: {host: {interface: default, dns: system}}
 		t.Fatalf("Parse: %v", err)
 	}
 	l := plain.Listeners[0]
-	if got := l.unknownUserSecret(); got != plainDummySecret {
-		t.Errorf("listener with only env users: unknown users checked against %p, want plainDummySecret", got)
+	if decoy := l.unknownUserSecret(); decoy.isHashed() || len(decoy.plain) != 32 {
+		t.Errorf("listener with only env users: decoy is hashed %v with %d plain bytes, want a 32-byte plain value", decoy.isHashed(), len(decoy.plain))
 	}
 	if _, _, err := l.Identify("carol", "bob-password", true); !errors.Is(err, ErrBadCredentials) {
 		t.Errorf("Identify(unknown user) error = %v, want ErrBadCredentials", err)
+	}
+}
+
+func TestListenerAllowsClient(t *testing.T) {
+	open := &Listener{}
+	lan := &Listener{AllowClients: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("2001:db8::/32")}}
+	tests := []struct {
+		name     string
+		listener *Listener
+		client   string
+		want     bool
+	}{
+		{name: "no ranges allows all", listener: open, client: "203.0.113.9", want: true},
+		{name: "inside ipv4", listener: lan, client: "192.0.2.77", want: true},
+		{name: "outside ipv4", listener: lan, client: "192.0.3.1", want: false},
+		{name: "ipv4 mapped inside", listener: lan, client: "::ffff:192.0.2.77", want: true},
+		{name: "inside ipv6 with zone", listener: lan, client: "2001:db8::5%eth0", want: true},
+		{name: "outside ipv6", listener: lan, client: "2001:db9::5", want: false},
+		{name: "loopback not listed", listener: lan, client: "127.0.0.1", want: false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := tt.listener.AllowsClient(netip.MustParseAddr(tt.client)); got != tt.want {
+				t.Errorf("AllowsClient(%s) = %v, want %v", tt.client, got, tt.want)
+			}
+		})
+	}
+}
+
+// TestSecretsRedacted checks that no way of printing or logging a password,
+// a user or a secret reveals the password or its hash.
+func TestSecretsRedacted(t *testing.T) {
+	p := identifyPolicy(t)
+	alice, bob := p.Listeners[1].Users["alice"], p.Listeners[1].Users["bob"]
+	password := Password("alice-password")
+
+	var logged strings.Builder
+	logger := slog.New(slog.NewTextHandler(&logged, nil))
+	logger.Info("login", "password", password, "user", alice, "bob", *bob, "secret", bob.secret)
+	logger.Info("login", slog.Any("password", password), slog.Any("secret", alice.secret))
+
+	outputs := map[string]string{
+		"log":            logged.String(),
+		"%v password":    fmt.Sprintf("%v", password),
+		"%s password":    fmt.Sprintf("%s", password),
+		"%q password":    fmt.Sprintf("%q", password),
+		"%#v password":   fmt.Sprintf("%#v", password),
+		"%x password":    fmt.Sprintf("%x", password),
+		"%+v user":       fmt.Sprintf("%+v", alice),
+		"%#v user value": fmt.Sprintf("%#v", *bob),
+		"%+v user value": fmt.Sprintf("%+v", *bob),
+		"%v users map":   fmt.Sprintf("%v", p.Listeners[1].Users),
+		"%+v secret":     fmt.Sprintf("%+v", bob.secret),
+		"%v listener":    fmt.Sprintf("%+v", *p.Listeners[1]),
+		"%v decoy":       fmt.Sprintf("%+v", p.Listeners[1].unknownUserSecret()),
+	}
+	hash := string(alice.secret.bcrypt)
+	for name, out := range outputs {
+		for _, leak := range []string{"alice-password", "bob-password", hash, hex.EncodeToString([]byte("bob-password")), hash[7:20]} {
+			if strings.Contains(out, leak) {
+				t.Errorf("%s reveals %q: %s", name, leak, out)
+			}
+		}
+	}
+	if got := fmt.Sprint(password); got != "[redacted]" {
+		t.Errorf("fmt.Sprint(password) = %q, want [redacted]", got)
+	}
+	if !strings.Contains(logged.String(), "user.name=alice user.app=mail") {
+		t.Errorf("log lacks the user's name and app: %s", logged.String())
 	}
 }

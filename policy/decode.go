@@ -115,6 +115,35 @@ func decodeInt(errs *ErrorList, path string, n *yaml.Node) (int64, text, bool) {
 	return v, t, true
 }
 
+// decodeCount decodes a connection count: an integer from 1 to
+// maxConnectionsLimit.
+func decodeCount(errs *ErrorList, path string, n *yaml.Node) (int64, bool) {
+	value, t, ok := decodeInt(errs, path, n)
+	if !ok {
+		return 0, false
+	}
+	if value < 1 || value > maxConnectionsLimit {
+		errs.add(t.Pos, path, "%s out of range 1 to %d", t.Value, maxConnectionsLimit)
+		return 0, false
+	}
+	return value, true
+}
+
+// decodeIntIn decodes an integer from lo to hi. The error names the key,
+// the last part of path.
+func decodeIntIn(errs *ErrorList, path string, n *yaml.Node, lo, hi int64) (int64, bool) {
+	value, t, ok := decodeInt(errs, path, n)
+	if !ok {
+		return 0, false
+	}
+	if value < lo || value > hi {
+		key := path[strings.LastIndex(path, ".")+1:]
+		errs.add(t.Pos, path, "%s %s out of range %d to %d", key, t.Value, lo, hi)
+		return 0, false
+	}
+	return value, true
+}
+
 // eachField calls fn for every key of the mapping n that is in known, and
 // adds errors for unknown, repeated and non-scalar keys. Keys with an empty
 // value are skipped, as if absent.

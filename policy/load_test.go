@@ -83,6 +83,12 @@ func wantLines(data []byte) []string {
 
 const testHash = "$2a$10$SMLPimqchhr9a9OTtRjYUeWyDApjX4g7UKFOoVgpDnvsm2m92zNFG" // of "example-password"
 
+// testArgon2Hash is the argon2id hash of "example-password" with salt
+// "saltsaltsalt", m=4096 KiB, t=2, p=1, as printed by the reference argon2
+// command (Debian package argon2 0~20171227):
+// echo -n example-password | argon2 saltsaltsalt -id -t 2 -m 12 -p 1 -l 32 -e
+const testArgon2Hash = "$argon2id$v=19$m=4096,t=2,p=1$c2FsdHNhbHRzYWx0$SCNG2LI4whVWL6IIRqv6rV41qS9WeIGUzMnVmuvch6w"
+
 func TestParseGood(t *testing.T) {
 	setEnv(t, map[string]string{"IAPD_BOB": "bob-password"})
 
@@ -135,6 +141,81 @@ access_points:
 				}
 				if len(ap.Search) != 0 || len(ap.Gateways) != 0 || len(ap.Sources) != 0 {
 					t.Errorf("search, gateways, sources = %v, %v, %v, want all empty", ap.Search, ap.Gateways, ap.Sources)
+				}
+				if ap.MaxConnections != 0 {
+					t.Errorf("access point max connections = %d, want 0 (no cap)", ap.MaxConnections)
+				}
+				wantLimits := Limits{
+					HandshakeTimeout: 10 * time.Second,
+					DialTimeout:      30 * time.Second,
+					IdleTimeout:      time.Hour,
+					MaxHeaderBytes:   65536,
+					AuthFailureDelay: 250 * time.Millisecond,
+				}
+				if p.Limits != wantLimits {
+					t.Errorf("limits = %+v, want %+v", p.Limits, wantLimits)
+				}
+				if l.MaxConnections != 1024 || l.AllowClients != nil {
+					t.Errorf("listener max connections %d, allow clients %v; want 1024 and nil", l.MaxConnections, l.AllowClients)
+				}
+				app := p.Apps["browser"]
+				if app.Priority != 0 || app.MaxConnections != 0 || app.AllowLocalTargets {
+					t.Errorf("app priority %d, max connections %d, allow local targets %v; want 0, 0, false", app.Priority, app.MaxConnections, app.AllowLocalTargets)
+				}
+			},
+		},
+		{
+			name: "limits, caps and exposure",
+			yaml: `
+listeners:
+  - listen: "0.0.0.0:0"
+    app: browser
+    max_connections: 10
+    allow_clients: [192.0.2.0/24, "2001:db8::1", "::ffff:198.51.100.0/120"]
+apps:
+  browser:
+    access_point: wifi
+    priority: -5
+    max_connections: 3
+    allow_local_targets: true
+  voip:
+    access_point: wifi
+    priority: 1000
+access_points:
+  wifi:
+    interface: wlan0
+    dns: [192.0.2.53]
+    max_connections: 7
+limits:
+  handshake_timeout: 2s
+  dial_timeout: 1500ms
+  idle_timeout: 0
+  max_header_bytes: 0x2000
+  auth_failure_delay: 0s
+`,
+			check: func(t *testing.T, p *Policy) {
+				want := Limits{HandshakeTimeout: 2 * time.Second, DialTimeout: 1500 * time.Millisecond, MaxHeaderBytes: 8192}
+				if p.Limits != want {
+					t.Errorf("limits = %+v, want %+v", p.Limits, want)
+				}
+				l := p.Listeners[0]
+				wantClients := []netip.Prefix{
+					netip.MustParsePrefix("192.0.2.0/24"),
+					netip.MustParsePrefix("2001:db8::1/128"),
+					netip.MustParsePrefix("198.51.100.0/24"),
+				}
+				if l.MaxConnections != 10 || !slices.Equal(l.AllowClients, wantClients) {
+					t.Errorf("listener max connections %d, allow clients %v; want 10 and %v", l.MaxConnections, l.AllowClients, wantClients)
+				}
+				browser, voip := p.Apps["browser"], p.Apps["voip"]
+				if browser.Priority != -5 || browser.MaxConnections != 3 || !browser.AllowLocalTargets {
+					t.Errorf("browser priority %d, max connections %d, allow local targets %v; want -5, 3, true", browser.Priority, browser.MaxConnections, browser.AllowLocalTargets)
+				}
+				if voip.Priority != 1000 || voip.AllowLocalTargets {
+					t.Errorf("voip priority %d, allow local targets %v; want 1000, false", voip.Priority, voip.AllowLocalTargets)
+				}
+				if got := p.AccessPoints["wifi"].MaxConnections; got != 7 {
+					t.Errorf("wifi max connections = %d, want 7", got)
 				}
 			},
 		},
@@ -283,6 +364,7 @@ listeners:
   - listen: ":0"
     protocol: socks5
     app: browser
+    allow_clients: [192.0.2.0/24]
 apps:
   browser:
     access_point: wifi
@@ -404,14 +486,45 @@ access_points:
 				if alice.Name != "alice" || alice.App != p.Apps["mail"] {
 					t.Errorf("alice = %q with app %v, want app mail", alice.Name, alice.App)
 				}
-				if string(alice.secret.hash) != testHash || alice.secret.plain != nil {
+				if string(alice.secret.bcrypt) != testHash || alice.secret.plain != nil {
 					t.Errorf("alice's secret is not the bcrypt hash")
 				}
 				if bob.App != p.Apps["browser"] {
 					t.Errorf("bob's app = %v, want browser", bob.App)
 				}
-				if string(bob.secret.plain) != "bob-password" || bob.secret.hash != nil {
+				if string(bob.secret.plain) != "bob-password" || bob.secret.isHashed() {
 					t.Errorf("bob's secret is not the value of IAPD_BOB")
+				}
+			},
+		},
+		{
+			name: "argon2id user",
+			yaml: `
+listeners:
+  - listen: "127.0.0.1:0"
+    users:
+      - name: carol
+        password_hash: "` + testArgon2Hash + `"
+        app: mail
+apps:
+  mail: {access_point: host}
+access_points:
+  host: {interface: default, dns: system}
+`,
+			check: func(t *testing.T, p *Policy) {
+				carol := p.Listeners[0].Users["carol"]
+				h := carol.secret.argon2
+				if h == nil || h.memory != 4096 || h.time != 2 || h.threads != 1 || string(h.salt) != "saltsaltsalt" || len(h.key) != 32 {
+					t.Fatalf("carol's argon2id hash = %+v, want m=4096 t=2 p=1, salt saltsaltsalt, 32-byte key", h)
+				}
+				if !carol.CheckPassword("example-password") {
+					t.Errorf("CheckPassword(example-password) = false, want true")
+				}
+				if carol.CheckPassword("example-passwore") {
+					t.Errorf("CheckPassword(example-passwore) = true, want false")
+				}
+				if p.Listeners[0].unknownUserSecret() != carol.secret {
+					t.Errorf("unknown users are not checked against carol's argon2id secret")
 				}
 			},
 		},

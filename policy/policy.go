@@ -6,6 +6,9 @@ package policy
 
 import (
 	"errors"
+	"fmt"
+	"io"
+	"log/slog"
 	"net/netip"
 	"time"
 )
@@ -36,6 +39,17 @@ type Policy struct {
 
 	Routing Routing
 	Control Control
+	Limits  Limits
+}
+
+// Limits bound what one client may take. A loaded policy has every field
+// set, to its default when the file leaves it out.
+type Limits struct {
+	HandshakeTimeout time.Duration // SOCKS5 negotiation or HTTP request headers, from accept; default 10s
+	DialTimeout      time.Duration // one dial, over all access points tried; default 30s
+	IdleTimeout      time.Duration // tunnels with no byte moving either way; 0 means never; default 1h
+	MaxHeaderBytes   int           // HTTP request line and headers; default 65536
+	AuthFailureDelay time.Duration // wait after a client address's failed login, doubling; 0 means none; default 250ms
 }
 
 // Routing holds the numbers of the routing tables, firewall marks and rules
@@ -77,21 +91,52 @@ type Listener struct {
 	App      *App
 	Users    map[string]*User
 
+	MaxConnections int            // client connections held at once; default 1024
+	AllowClients   []netip.Prefix // client ranges allowed to connect; nil allows every client
+
 	// unknownUser is checked in place of a password when the user name is
-	// unknown; nil means dummySecret. See (*Listener).unknownUserSecret.
+	// unknown. See (*Listener).unknownUserSecret.
 	unknownUser *secret
 }
 
 // HasUsers reports whether clients of l identify themselves by credentials.
 func (l *Listener) HasUsers() bool { return len(l.Users) > 0 }
 
+// AllowsClient reports whether a client connecting from addr may use l.
+func (l *Listener) AllowsClient(addr netip.Addr) bool {
+	if l.AllowClients == nil {
+		return true
+	}
+	addr = addr.Unmap().WithZone("")
+	for _, p := range l.AllowClients {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}
+
 // User is one set of credentials on a listener and the app it identifies.
 type User struct {
 	Name string
 	App  *App
 
-	secret secret // see password.go
+	secret *secret // see password.go
 }
+
+// LogValue implements slog.LogValuer: the user name and app, never the
+// password or its hash.
+func (u User) LogValue() slog.Value {
+	app := ""
+	if u.App != nil {
+		app = u.App.Name
+	}
+	return slog.GroupValue(slog.String("name", u.Name), slog.String("app", app))
+}
+
+// Format implements fmt.Formatter, printing the user name alone for every
+// verb, so that printing a User cannot reveal its secret.
+func (u User) Format(f fmt.State, _ rune) { io.WriteString(f, u.Name) }
 
 // App is one client application and the destination its connections use.
 // A static access point binding is a Destination of one, marked Implicit.
@@ -114,6 +159,15 @@ type App struct {
 	// Require narrows the access points that may carry the app's
 	// connections; the zero value accepts every one.
 	Require Requirement
+	// Priority ranks the app's connections on a full access point: a
+	// higher one displaces a connection of the lowest. Default 0.
+	Priority int
+	// MaxConnections caps the app's upstream connections at once; 0
+	// means no cap of its own.
+	MaxConnections int
+	// AllowLocalTargets lets the app reach loopback, link-local and the
+	// host's own addresses, which are refused otherwise.
+	AllowLocalTargets bool
 }
 
 // AccessPoint is one way out: an interface with its own DNS servers.
@@ -135,7 +189,8 @@ type AccessPoint struct {
 	// direct connections.
 	Proxy *GatewayProxy
 
-	Probe *Probe // health probe; nil when the access point has none
+	Probe          *Probe // health probe; nil when the access point has none
+	MaxConnections int    // upstream connections at once; 0 means no cap
 
 	Index int // position in AccessPointOrder
 }

@@ -42,12 +42,15 @@ type rawPolicy struct {
 	// HTTP listener for metrics, the status page and the PAC file; see
 	// control.go.
 	Control rawControl
+	// Limits (key limits, optional) bound how long and how much a client
+	// may take; all have defaults.
+	Limits rawLimits
 
 	listenersPos position // of the listeners value; zero when absent
 	pos          position
 }
 
-var policyKeys = []string{"listeners", "apps", "access_points", "destinations", "interfaces", "routing", "control"}
+var policyKeys = []string{"listeners", "apps", "access_points", "destinations", "interfaces", "routing", "control", "limits"}
 
 func (p *rawPolicy) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -57,6 +60,7 @@ func (p *rawPolicy) UnmarshalYAML(n *yaml.Node) error {
 	}
 
 	p.Routing = rawRouting{Table: defaultTable, Mark: defaultMark, Priority: defaultPriority}
+	p.Limits = defaultLimits()
 	var hasApps, hasAccessPoints bool
 	eachField(&errs, n, policyKeys, func(key string, v *yaml.Node) {
 		switch key {
@@ -103,6 +107,8 @@ func (p *rawPolicy) UnmarshalYAML(n *yaml.Node) error {
 			errs.merge(key, p.Routing.UnmarshalYAML(v))
 		case "control":
 			errs.merge(key, p.Control.UnmarshalYAML(v))
+		case "limits":
+			errs.merge(key, p.Limits.UnmarshalYAML(v))
 		}
 	})
 
@@ -184,21 +190,49 @@ type rawListener struct {
 	// sends: a non-empty list of users. Exactly one of app and users is
 	// required.
 	Users []*rawUser
+	// MaxConnections (key max_connections, optional) caps the client
+	// connections the listener holds at once, from accept to close, an
+	// integer from 1 to 1000000. A client beyond it is closed at accept.
+	// Default 1024.
+	MaxConnections int64
+	// AllowClients (key allow_clients, optional) lists the client
+	// addresses that may connect, as prefixes (192.0.2.0/24,
+	// 2001:db8::/32) or single addresses. A client outside them is closed
+	// at accept. Default: every client. A listener on an address other
+	// than loopback needs either users or allow_clients, so that it never
+	// becomes an open proxy by accident.
+	AllowClients []prefix
 
-	listenAddr netip.Addr // parsed host; invalid for an empty host
-	listenPort uint16
-	listenOK   bool // Listen parsed
-	protocol   Protocol
-	usersPos   position // of the users value; zero when absent
-	pos        position
+	listenAddr      netip.Addr // parsed host; invalid for an empty host
+	listenPort      uint16
+	listenOK        bool // Listen parsed
+	protocol        Protocol
+	usersPos        position // of the users value; zero when absent
+	allowClientsPos position // of the allow_clients value; zero when absent
+	pos             position
 }
 
-var listenerKeys = []string{"listen", "protocol", "app", "users"}
+// prefix is one valid entry of allow_clients.
+type prefix struct {
+	Prefix netip.Prefix
+	Pos    position
+}
+
+// defaultListenerConnections is the default max_connections of a
+// listener. An upstream connection costs two file descriptors, so 1024
+// clients stay well inside the usual limit of a service (LimitNOFILE).
+const defaultListenerConnections = 1024
+
+// maxConnectionsLimit bounds every max_connections, to catch a stray digit.
+const maxConnectionsLimit = 1000000
+
+var listenerKeys = []string{"listen", "protocol", "app", "users", "max_connections", "allow_clients"}
 
 func (l *rawListener) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
 	l.pos = posOf(n)
 	l.protocol = ProtocolMixed
+	l.MaxConnections = defaultListenerConnections
 	if !expectKind(&errs, "", n, yaml.MappingNode, "a map (keys: "+strings.Join(listenerKeys, ", ")+")") {
 		return errs.err()
 	}
@@ -230,6 +264,16 @@ func (l *rawListener) UnmarshalYAML(n *yaml.Node) error {
 				errs.merge(fmt.Sprintf("users[%d]", i), u.UnmarshalYAML(resolve(item)))
 				l.Users = append(l.Users, u)
 			}
+		case "max_connections":
+			if v, ok := decodeCount(&errs, key, v); ok {
+				l.MaxConnections = v
+			}
+		case "allow_clients":
+			l.allowClientsPos = posOf(v)
+			if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
+				errs.add(posOf(v), key, "empty list would refuse every client; leave allow_clients out to allow all")
+			}
+			l.AllowClients = decodePrefixList(&errs, key, v)
 		}
 	})
 
@@ -368,6 +412,22 @@ type rawApp struct {
 	// types and metered. When no usable access point meets it, the app's
 	// connections are refused. Default: every access point.
 	Require rawRequirement
+	// Priority (key priority, optional) ranks the app when an access point
+	// with max_connections is full: a connection of a higher priority app
+	// closes one of the lowest priority to make room. An integer from
+	// -1000 to 1000, higher wins. Default 0.
+	Priority int64
+	// MaxConnections (key max_connections, optional) caps the app's
+	// upstream connections at once, over all listeners and access points,
+	// an integer from 1 to 1000000. A connection beyond it is refused.
+	// Default: no cap of its own.
+	MaxConnections int64
+	// AllowLocalTargets (key allow_local_targets, optional) lets the app
+	// reach targets on loopback, link-local and the host's own addresses,
+	// names that resolve to them included. Default false: such targets are
+	// refused, so that a proxy client cannot reach services that listen
+	// only locally.
+	AllowLocalTargets bool
 
 	allowAll        bool     // allow_override: true
 	allowPos        position // of the allow_override value; zero when absent
@@ -376,7 +436,12 @@ type rawApp struct {
 	pos             position
 }
 
-var appKeys = []string{"access_point", "destination", "routes", "allow_override", "dns_listen", "require"}
+const (
+	minPriority = -1000
+	maxPriority = 1000
+)
+
+var appKeys = []string{"access_point", "destination", "routes", "allow_override", "dns_listen", "require", "priority", "max_connections", "allow_local_targets"}
 
 func (a *rawApp) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -418,6 +483,16 @@ func (a *rawApp) UnmarshalYAML(n *yaml.Node) error {
 			}
 		case "require":
 			errs.merge(key, a.Require.UnmarshalYAML(v))
+		case "priority":
+			if value, ok := decodeIntIn(&errs, key, v, minPriority, maxPriority); ok {
+				a.Priority = value
+			}
+		case "max_connections":
+			if v, ok := decodeCount(&errs, key, v); ok {
+				a.MaxConnections = v
+			}
+		case "allow_local_targets":
+			a.AllowLocalTargets, _, _ = decodeBool(&errs, key, v)
 		}
 	})
 
@@ -481,6 +556,12 @@ type rawAccessPoint struct {
 	// network; while it fails, the access point is unusable. Default: no
 	// probe, so link state alone decides.
 	Probe *rawProbe
+	// MaxConnections (key max_connections, optional) caps the upstream
+	// connections through this access point at once, an integer from 1 to
+	// 1000000. When it is full, a connection of an app with a higher
+	// priority closes one of the lowest priority; otherwise the next
+	// access point of the destination is tried. Default: no cap.
+	MaxConnections int64
 
 	dnsSystem   position // of dns: system; zero otherwise
 	dnsAuto     position // of dns: auto; zero otherwise
@@ -513,7 +594,7 @@ type address struct {
 	Pos   position
 }
 
-var accessPointKeys = []string{"interface", "dns", "search", "dns_timeouts", "gateway", "source", "proxy", "probe"}
+var accessPointKeys = []string{"interface", "dns", "search", "dns_timeouts", "gateway", "source", "proxy", "probe", "max_connections"}
 
 func (ap *rawAccessPoint) UnmarshalYAML(n *yaml.Node) error {
 	var errs ErrorList
@@ -601,6 +682,10 @@ func (ap *rawAccessPoint) UnmarshalYAML(n *yaml.Node) error {
 		case "probe":
 			ap.Probe = &rawProbe{}
 			errs.merge(key, ap.Probe.UnmarshalYAML(v))
+		case "max_connections":
+			if v, ok := decodeCount(&errs, key, v); ok {
+				ap.MaxConnections = v
+			}
 		}
 	})
 
@@ -817,6 +902,111 @@ func (r *rawRouting) UnmarshalYAML(n *yaml.Node) error {
 				return
 			}
 			r.Priority = value
+		}
+	})
+	return errs.err()
+}
+
+// Limit defaults. See rawLimits for what each bounds.
+const (
+	defaultHandshakeTimeout = 10 * time.Second
+	defaultDialTimeout      = 30 * time.Second
+	// An hour outlasts IMAP IDLE, which clients renew every 29 minutes
+	// (RFC 2177), and reclaims tunnels whose clients went away quietly.
+	defaultIdleTimeout      = time.Hour
+	defaultMaxHeaderBytes   = 64 << 10
+	defaultAuthFailureDelay = 250 * time.Millisecond
+
+	minMaxHeaderBytes   = 1 << 10
+	maxMaxHeaderBytes   = 1 << 20
+	maxAuthFailureDelay = 10 * time.Second
+)
+
+func defaultLimits() rawLimits {
+	return rawLimits{
+		HandshakeTimeout: defaultHandshakeTimeout,
+		DialTimeout:      defaultDialTimeout,
+		IdleTimeout:      defaultIdleTimeout,
+		MaxHeaderBytes:   defaultMaxHeaderBytes,
+		AuthFailureDelay: defaultAuthFailureDelay,
+	}
+}
+
+// rawLimits is the limits map: bounds on what one client may take. Each
+// key is optional.
+type rawLimits struct {
+	// HandshakeTimeout (key handshake_timeout) bounds a client's SOCKS5
+	// negotiation, or its HTTP request line and headers, from accept until
+	// the upstream is dialled, against clients that send slowly or not at
+	// all. A Go duration above zero. Default 10s.
+	HandshakeTimeout time.Duration
+	// DialTimeout (key dial_timeout) bounds the dial of one connection,
+	// name resolution included, over all access points tried. A Go
+	// duration above zero. Default 30s.
+	DialTimeout time.Duration
+	// IdleTimeout (key idle_timeout) closes a tunnel (SOCKS5 CONNECT or
+	// HTTP CONNECT) and a pooled upstream connection on which no byte has
+	// moved either way for this long. A Go duration; 0 keeps idle tunnels
+	// open. Default 1h.
+	IdleTimeout time.Duration
+	// MaxHeaderBytes (key max_header_bytes) caps an HTTP request line and
+	// its headers, in bytes, from 1024 to 1048576. A larger request gets
+	// 431 Request Header Fields Too Large. Default 65536.
+	MaxHeaderBytes int64
+	// AuthFailureDelay (key auth_failure_delay) slows down guessing:
+	// after a failed login from a client address, that address's next
+	// attempts wait this long before they are checked, doubling with each
+	// further failure up to 16 times the value. A Go duration up to 10s;
+	// 0 turns the delay off. Default 250ms.
+	AuthFailureDelay time.Duration
+}
+
+var limitsKeys = []string{"handshake_timeout", "dial_timeout", "idle_timeout", "max_header_bytes", "auth_failure_delay"}
+
+// decodePositiveDuration decodes a duration that must be above zero.
+func decodePositiveDuration(errs *ErrorList, path string, n *yaml.Node) (time.Duration, bool) {
+	d, t, ok := decodeDuration(errs, path, n)
+	if ok && d == 0 {
+		errs.add(t.Pos, path, "duration %s must be above zero", t.Value)
+		return 0, false
+	}
+	return d, ok
+}
+
+func (l *rawLimits) UnmarshalYAML(n *yaml.Node) error {
+	var errs ErrorList
+	if !expectKind(&errs, "", n, yaml.MappingNode, "a map (keys: "+strings.Join(limitsKeys, ", ")+")") {
+		return errs.err()
+	}
+
+	eachField(&errs, n, limitsKeys, func(key string, v *yaml.Node) {
+		switch key {
+		case "handshake_timeout":
+			if d, ok := decodePositiveDuration(&errs, key, v); ok {
+				l.HandshakeTimeout = d
+			}
+		case "dial_timeout":
+			if d, ok := decodePositiveDuration(&errs, key, v); ok {
+				l.DialTimeout = d
+			}
+		case "idle_timeout":
+			if d, _, ok := decodeDuration(&errs, key, v); ok {
+				l.IdleTimeout = d
+			}
+		case "max_header_bytes":
+			if value, ok := decodeIntIn(&errs, key, v, minMaxHeaderBytes, maxMaxHeaderBytes); ok {
+				l.MaxHeaderBytes = value
+			}
+		case "auth_failure_delay":
+			d, _, ok := decodeDuration(&errs, key, v)
+			if !ok {
+				return
+			}
+			if d > maxAuthFailureDelay {
+				errs.add(posOf(v), key, "auth_failure_delay %s is above the maximum of %s", v.Value, maxAuthFailureDelay)
+				return
+			}
+			l.AuthFailureDelay = d
 		}
 	})
 	return errs.err()

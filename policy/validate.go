@@ -6,7 +6,8 @@ import (
 )
 
 // validate makes the checks that look at more than one value of the raw
-// policy: addresses shared between listeners, user names within a
+// policy: addresses shared between listeners, listeners open to other
+// hosts without credentials or client ranges, user names within a
 // listener, settings that contradict an access point's interface, and
 // routing numbers against the number of access points.
 func validate(raw *rawPolicy) ErrorList {
@@ -41,6 +42,12 @@ func validateListeners(errs *ErrorList, listeners []*rawListener) {
 			}
 		}
 
+		if l.listenOK && !isLoopbackListen(l.listenAddr) && !l.usersPos.IsSet() && !l.allowClientsPos.IsSet() {
+			errs.add(l.Listen.Pos, path+".listen",
+				"%s accepts clients from other hosts, but the listener asks for no credentials and would serve anyone who reaches it as an open proxy; listen on 127.0.0.1 or [::1], add users, or list the client ranges to serve in allow_clients",
+				l.Listen.Value)
+		}
+
 		seen := make(map[string]int)
 		for j, u := range l.Users {
 			if !u.Name.IsSet() {
@@ -53,6 +60,13 @@ func validateListeners(errs *ErrorList, listeners []*rawListener) {
 			seen[u.Name.Value] = u.Name.Pos.Line
 		}
 	}
+}
+
+// isLoopbackListen reports whether a listener on addr accepts connections
+// from this host only. An invalid Addr stands for an empty host, which
+// listens on every address.
+func isLoopbackListen(addr netip.Addr) bool {
+	return addr.IsValid() && addr.IsLoopback()
 }
 
 // listenOverlaps reports whether listening on a and b with the same port

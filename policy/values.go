@@ -174,3 +174,36 @@ func decodeAddressList(errs *ErrorList, path string, n *yaml.Node) []address {
 	}
 	return list
 }
+
+// decodePrefixList decodes a list of address prefixes. A single address
+// stands for itself alone (/32 or /128). Host bits past the prefix length
+// are an error, as they usually mean a mistyped length.
+func decodePrefixList(errs *ErrorList, path string, n *yaml.Node) []prefix {
+	var list []prefix
+	for i, t := range decodeTextList(errs, path, n, "address prefixes") {
+		if !t.IsSet() {
+			continue
+		}
+		itemPath := fmt.Sprintf("%s[%d]", path, i)
+		if strings.Contains(t.Value, "%") {
+			errs.add(t.Pos, itemPath, "invalid address prefix %q: leave out the zone", t.Value)
+			continue
+		}
+		var p netip.Prefix
+		if addr, err := netip.ParseAddr(t.Value); err == nil {
+			p = netip.PrefixFrom(addr, addr.BitLen())
+		} else if p, err = netip.ParsePrefix(t.Value); err != nil {
+			errs.add(t.Pos, itemPath, "invalid address prefix %q: want an address or address/length, like 192.0.2.0/24 or 2001:db8::/32", t.Value)
+			continue
+		}
+		if p.Addr().Is4In6() {
+			p = netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0))
+		}
+		if masked := p.Masked(); masked != p {
+			errs.add(t.Pos, itemPath, "address prefix %q has bits set past its length; did you mean %s?", t.Value, masked)
+			continue
+		}
+		list = append(list, prefix{Prefix: p, Pos: t.Pos})
+	}
+	return list
+}

@@ -255,7 +255,7 @@ func (f *httpFrontend) identify(r *http.Request) (*policy.App, string, *http.Res
 	user, password, ok := parseBasicCredentials(header)
 	if !f.l.HasUsers() {
 		// A listener of one app ignores credentials, apart from a choice.
-		app, choice, _ := f.l.Identify(user, password, ok)
+		app, choice, _ := f.l.Identify(user, policy.Password(password), ok)
 		return app, choice, nil
 	}
 
@@ -268,7 +268,7 @@ func (f *httpFrontend) identify(r *http.Request) (*policy.App, string, *http.Res
 	case !ok:
 		err = errMalformedCredentials
 	default:
-		app, choice, err = f.l.Identify(user, password, true)
+		app, choice, err = f.l.Identify(user, policy.Password(password), true)
 	}
 	if err == nil {
 		return app, choice, nil

@@ -82,7 +82,7 @@ type socks5Session struct {
 // Valid reports whether the credentials identify an app on the listener,
 // and remembers that app and the client's choice.
 func (sess *socks5Session) Valid(user, password string) bool {
-	app, choice, err := sess.f.l.Identify(user, password, true)
+	app, choice, err := sess.f.l.Identify(user, policy.Password(password), true)
 	if err != nil {
 		sess.f.logger.Debug("credentials rejected", logkey.Client, sess.client.RemoteAddr().String(), logkey.Err, err)
 		return false
