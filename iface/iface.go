@@ -196,6 +196,23 @@ func (s *Snapshot) Default(v6 bool) (*Interface, netip.Addr, bool) {
 	return nil, netip.Addr{}, false
 }
 
+// HasAddr reports whether addr is an address of one of the interfaces,
+// loopback included. Zones are ignored.
+func (s *Snapshot) HasAddr(addr netip.Addr) bool {
+	if s == nil {
+		return false
+	}
+	addr = addr.Unmap().WithZone("")
+	for _, ifc := range s.ifaces {
+		for _, p := range ifc.Addrs {
+			if p.Addr().Unmap() == addr {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Usable reports whether ap can carry a connection in this snapshot and,
 // when it cannot, why, as a short phrase naming the interface. A bound
 // access point needs its interface up with carrier, and an address with a

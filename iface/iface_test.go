@@ -301,3 +301,34 @@ func TestSnapshotEqual(t *testing.T) {
 		})
 	}
 }
+
+func TestSnapshotHasAddr(t *testing.T) {
+	s := newSnapshot([]Interface{
+		{Index: 1, Name: "lo", Up: true, Loopback: true, Addrs: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/8"), netip.MustParsePrefix("::1/128")}},
+		{Index: 2, Name: "wlan0", Up: true, Addrs: []netip.Prefix{netip.MustParsePrefix("192.0.2.10/24"), netip.MustParsePrefix("fe80::1/64")}},
+	}, nil)
+	tests := []struct {
+		name string
+		addr string
+		want bool
+	}{
+		{name: "own ipv4", addr: "192.0.2.10", want: true},
+		{name: "own ipv4 mapped", addr: "::ffff:192.0.2.10", want: true},
+		{name: "same network other host", addr: "192.0.2.11", want: false},
+		{name: "link-local without zone", addr: "fe80::1", want: true},
+		{name: "link-local other zone", addr: "fe80::1%eth9", want: true},
+		{name: "loopback listed", addr: "::1", want: true},
+		{name: "loopback not listed", addr: "127.0.0.2", want: false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := s.HasAddr(netip.MustParseAddr(tt.addr)); got != tt.want {
+				t.Errorf("HasAddr(%s) = %v, want %v", tt.addr, got, tt.want)
+			}
+		})
+	}
+	var none *Snapshot
+	if none.HasAddr(netip.MustParseAddr("192.0.2.10")) {
+		t.Errorf("nil snapshot HasAddr = true, want false")
+	}
+}

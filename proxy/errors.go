@@ -17,6 +17,17 @@ var (
 	// ErrNotServed means a listener passed to Update or Retire is not
 	// being served.
 	ErrNotServed = errors.New("proxy: listener not served")
+	// ErrLocalTarget means the target is, or resolves only to, a loopback,
+	// link-local or unspecified address or one of the host's own, and the
+	// app does not allow local targets.
+	ErrLocalTarget = errors.New("proxy: target is a local address")
+	// ErrAppLimit means the app has as many connections open as its
+	// max_connections allows.
+	ErrAppLimit = errors.New("proxy: app connection limit reached")
+	// ErrAccessPointFull means the access point has as many connections
+	// open as its max_connections allows, and none of them belongs to an
+	// app of a lower priority.
+	ErrAccessPointFull = errors.New("proxy: access point connection limit reached")
 )
 
 // DialError is the one error type of the dial path. When several access
@@ -24,7 +35,7 @@ var (
 // so that the reply to the client follows the preferred access point while
 // the log shows every attempt.
 type DialError struct {
-	Op          string // "select", "resolve" or "connect": what Err comes from
+	Op          string // "select", "admit", "resolve" or "connect": what Err comes from
 	App         string
 	AccessPoint string // access point that Err comes from; empty for "select"
 	Destination string
@@ -39,6 +50,8 @@ func (e *DialError) Error() string {
 	switch e.Op {
 	case "select":
 		b.WriteString("choosing an access point to reach ")
+	case "admit":
+		b.WriteString("opening a connection to ")
 	case "resolve":
 		b.WriteString("resolving ")
 	default:
@@ -58,7 +71,7 @@ func (e *DialError) Error() string {
 
 	// The SOCKS5 library picks its reply code by searching the error text,
 	// and HTTP clients show it, so the reason comes first in plain words.
-	if errors.Is(e.Err, policy.ErrNoUsableAccessPoint) {
+	if errors.Is(e.Err, policy.ErrNoUsableAccessPoint) || errors.Is(e.Err, ErrAccessPointFull) {
 		b.WriteString("network is unreachable: ")
 	}
 	b.WriteString(e.Err.Error())
@@ -78,10 +91,11 @@ const (
 )
 
 // classify returns the failure class of a dial error. Timeouts, names that
-// do not resolve and EHOSTUNREACH are all "host unreachable".
+// do not resolve and EHOSTUNREACH are all "host unreachable"; a full
+// access point, like an unusable one, is "network unreachable".
 func classify(err error) failure {
 	switch {
-	case errors.Is(err, policy.ErrNoUsableAccessPoint), errors.Is(err, syscall.ENETUNREACH):
+	case errors.Is(err, policy.ErrNoUsableAccessPoint), errors.Is(err, ErrAccessPointFull), errors.Is(err, syscall.ENETUNREACH):
 		return failureNetworkUnreachable
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return failureConnectionRefused
@@ -100,4 +114,11 @@ func (f failure) String() string {
 		return "connection refused"
 	}
 	return "host unreachable"
+}
+
+// isRefusal reports whether err means that the policy does not allow the
+// connection, as opposed to a failure to make it. SOCKS5 answers these
+// with "connection not allowed by ruleset".
+func isRefusal(err error) bool {
+	return errors.Is(err, policy.ErrNotAllowed) || errors.Is(err, ErrLocalTarget) || errors.Is(err, ErrAppLimit)
 }

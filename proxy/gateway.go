@@ -79,7 +79,7 @@ func (s *Server) dialGatewayConn(ctx context.Context, ap *policy.AccessPoint) (n
 	if err != nil {
 		return nil, &gatewayReachError{op: "connect", err: err}
 	}
-	c, derr := s.dialDirect(ctx, ap, host, port)
+	c, derr := s.dialDirect(ctx, ap, host, port, nil)
 	if derr != nil {
 		return nil, &gatewayReachError{op: derr.Op, err: derr.Err}
 	}

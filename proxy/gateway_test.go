@@ -186,6 +186,7 @@ listeners:
 apps:
   web:
     destination: corp-first
+    allow_local_targets: true
 access_points:
   gw:
     interface: default
@@ -341,8 +342,10 @@ apps:
         reject: true
       - domain: web6.test
         access_point: b
+    allow_local_targets: true
   locked:
     access_point: a
+    allow_local_targets: true
 access_points:
   a: {interface: eth-a, dns: [192.0.2.53]}
   b: {interface: eth-b, dns: [198.51.100.53]}

@@ -2,12 +2,12 @@ package proxy
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,13 +19,10 @@ import (
 	"iapd/policy"
 )
 
-const (
-	// httpMaxHeaderBytes caps a client's request line and headers.
-	httpMaxHeaderBytes = 64 << 10
-	// httpClientIdleTimeout is how long an idle keep-alive client
-	// connection waits for its next request before it is closed.
-	httpClientIdleTimeout = 2 * time.Minute
-)
+// httpClientIdleTimeout is how long an idle keep-alive client connection
+// waits for its next request before it is closed, unless the idle timeout
+// is shorter.
+const httpClientIdleTimeout = 2 * time.Minute
 
 // httpFrontend is the HTTP proxy front end of one listener: a goproxy
 // ProxyHttpServer behind an http.Server that is fed the connections core
@@ -100,12 +97,13 @@ func (s *Server) newHTTPFrontend(l *policy.Listener) *httpFrontend {
 
 	f.srv = &http.Server{
 		Handler:           http.HandlerFunc(f.serveHTTP),
-		ReadHeaderTimeout: s.cfg.HandshakeTimeout,
-		IdleTimeout:       httpClientIdleTimeout,
-		MaxHeaderBytes:    httpMaxHeaderBytes,
-		ErrorLog:          slog.NewLogLogger(f.log.Handler(), slog.LevelWarn),
-		ConnContext:       f.connContext,
-		ConnState:         f.connState,
+		ReadHeaderTimeout: s.currentLimits().HandshakeTimeout,
+		IdleTimeout:       shorterTimeout(httpClientIdleTimeout, s.currentLimits().IdleTimeout),
+		// http.Server reads 4 KiB past this before it gives up.
+		MaxHeaderBytes: s.currentLimits().MaxHeaderBytes,
+		ErrorLog:       slog.NewLogLogger(f.log.Handler(), slog.LevelWarn),
+		ConnContext:    f.connContext,
+		ConnState:      f.connState,
 	}
 	go func() {
 		defer close(f.served)
@@ -231,6 +229,7 @@ func appFromContext(ctx context.Context) (*policy.App, string) {
 // serveHTTP runs goproxy and then ends a hijacked connection that no tunnel
 // took over: goproxy has already written a rejection or a dial error to it.
 func (f *httpFrontend) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	defer f.s.recoverHandler()
 	f.proxy.ServeHTTP(w, r)
 
 	client := clientFromContext(r.Context())
@@ -258,29 +257,38 @@ func (f *httpFrontend) identify(r *http.Request) (*policy.App, string, *http.Res
 		app, choice, _ := f.l.Identify(user, policy.Password(password), ok)
 		return app, choice, nil
 	}
+	if header == "" {
+		// Browsers send their first request without credentials and retry
+		// after the 407, so a missing header is routine and not a failure.
+		f.log.Debug("proxy authentication required", logkey.Client, r.RemoteAddr, logkey.Target, r.Host)
+		return nil, "", authRequiredResponse(r)
+	}
+
+	s, client := f.s, clientAddr(r)
+	if ok, delayed := s.auth.wait(r.Context(), client, time.Now().Add(s.currentLimits().HandshakeTimeout)); !ok {
+		s.stats.authDelayed.Add(1)
+		f.log.Info("proxy authentication rejected unchecked: too many failures from this address", logkey.Client, r.RemoteAddr, logkey.Target, r.Host)
+		return nil, "", authRequiredResponse(r)
+	} else if delayed {
+		s.stats.authDelayed.Add(1)
+	}
 
 	var app *policy.App
 	var choice string
 	var err error
-	switch {
-	case header == "":
-		err = policy.ErrCredentialsRequired
-	case !ok:
-		err = errMalformedCredentials
-	default:
+	if ok {
 		app, choice, err = f.l.Identify(user, policy.Password(password), true)
+	} else {
+		err = errMalformedCredentials
 	}
 	if err == nil {
+		s.auth.succeeded(client)
 		return app, choice, nil
 	}
+	s.stats.authFailures.Add(1)
+	s.auth.failed(client)
 
-	level := slog.LevelInfo
-	if errors.Is(err, policy.ErrCredentialsRequired) {
-		// Browsers send their first request without credentials and retry
-		// after the 407, so a missing header is routine.
-		level = slog.LevelDebug
-	}
-	f.log.Log(r.Context(), level, "proxy authentication failed",
+	f.log.Info("proxy authentication failed",
 		logkey.Client, r.RemoteAddr, "user", user, logkey.Target, r.Host, logkey.Err, err)
 	return nil, "", authRequiredResponse(r)
 }
@@ -290,6 +298,12 @@ func (f *httpFrontend) identify(r *http.Request) (*policy.App, string, *http.Res
 type httpClient struct {
 	app    *policy.App
 	choice string
+}
+
+// clientAddr returns the client's address of a request, or the zero Addr.
+func clientAddr(r *http.Request) netip.Addr {
+	ap, _ := netip.ParseAddrPort(r.RemoteAddr)
+	return ap.Addr()
 }
 
 // handleConnect identifies the app of a CONNECT request and stores it in the

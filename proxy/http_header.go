@@ -14,6 +14,7 @@ import (
 
 	"github.com/elazarl/goproxy"
 
+	"iapd/dns"
 	"iapd/policy"
 )
 
@@ -102,16 +103,19 @@ func textResponse(r *http.Request, status int, body string) *http.Response {
 }
 
 // errorStatus maps a dial or round-trip error to the status the client
-// gets: 403 when the policy refuses the connection, 503 when no access
-// point can carry it, 504 on a timeout, 400 for a target that is not
-// host:port, and 502 otherwise.
+// gets: 400 for a target that is not host:port or not a valid name, 403
+// when the policy refuses the connection or a local target the app may not
+// reach, 503 when no access point can carry the connection or a
+// connection cap is reached, 504 on a timeout, and 502 otherwise.
 func errorStatus(err error) int {
 	switch {
 	case errors.Is(err, policy.ErrNotAllowed):
 		return http.StatusForbidden
-	case errors.Is(err, ErrInvalidTarget):
+	case errors.Is(err, ErrInvalidTarget), errors.Is(err, dns.ErrInvalidName):
 		return http.StatusBadRequest
-	case errors.Is(err, policy.ErrNoUsableAccessPoint):
+	case errors.Is(err, ErrLocalTarget):
+		return http.StatusForbidden
+	case errors.Is(err, policy.ErrNoUsableAccessPoint), errors.Is(err, ErrAppLimit), errors.Is(err, ErrAccessPointFull):
 		return http.StatusServiceUnavailable
 	case isTimeout(err):
 		return http.StatusGatewayTimeout

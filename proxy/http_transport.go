@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"sync"
 	"sync/atomic"
@@ -51,19 +52,23 @@ type dialParams struct {
 }
 
 // preDialed is a connection that a race made for a request before the
-// request reached its transport. The transport's dial takes it once.
+// request reached its transport, with its hold on the caps and the
+// connection it displaces. The transport's dial takes it once.
 type preDialed struct {
-	mu   sync.Mutex // protects conn
-	conn net.Conn   // nil once taken or closed
+	mu     sync.Mutex // protects the fields below
+	conn   net.Conn   // nil once taken or closed
+	claim  claim
+	victim *upstream // to close once the connection is used; nil for none
 }
 
-// take returns the connection and leaves nothing behind, or returns nil.
-func (p *preDialed) take() net.Conn {
+// take returns the connection, its claim and its victim, and leaves
+// nothing behind, or returns a nil connection.
+func (p *preDialed) take() (net.Conn, claim, *upstream) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	c := p.conn
-	p.conn = nil
-	return c
+	c, cl, victim := p.conn, p.claim, p.victim
+	p.conn, p.claim, p.victim = nil, claim{}, nil
+	return c, cl, victim
 }
 
 // handleRequest identifies the app of an absolute-form request, strips the
@@ -100,6 +105,13 @@ func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App, choice stri
 		f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, de)
 		return errorResponse(req, errorStatus(de), errorBody(de))
 	}
+	if host, _, err := splitTarget(target); err == nil {
+		if addr, err := netip.ParseAddr(host); err == nil && !app.AllowLocalTargets && f.s.isLocalTarget(addr) {
+			de := &DialError{Op: "connect", App: app.Name, Destination: plan.DestinationName(), Target: target, Err: localTargetError(app, host, nil)}
+			f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, de)
+			return errorResponse(req, errorStatus(de), errorBody(de))
+		}
+	}
 	if plan.Destination.Select == policy.SelectRace {
 		return f.roundTripRace(req, app, plan, target)
 	}
@@ -109,7 +121,7 @@ func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App, choice stri
 		body = &retryableBody{ReadCloser: req.Body}
 	}
 
-	deadline := time.Now().Add(f.s.cfg.DialTimeout)
+	deadline := time.Now().Add(f.s.currentLimits().DialTimeout)
 	var errs []error
 	for i, ap := range plan.Candidates {
 		// Each access point gets a share of the dial time left, so that one
@@ -156,10 +168,14 @@ func (f *httpFrontend) roundTripRace(req *http.Request, app *policy.App, plan po
 	var c net.Conn
 	var ap *policy.AccessPoint
 	var derr *DialError
+	var cl claim
+	gate := newCapGate(f.s, app, target)
 	if err != nil {
 		derr = &DialError{Op: "connect", Target: target, Err: err}
-	} else {
-		c, ap, derr = f.s.dialRace(ctx, plan, host, port, target)
+	} else if cl, err = f.claimApp(app, target); err != nil {
+		errors.As(err, &derr)
+	} else if c, ap, derr = f.s.dialRace(ctx, plan, host, port, target, gate); derr != nil {
+		f.s.table.release(cl)
 	}
 	if derr != nil {
 		derr.App = app.Name
@@ -168,10 +184,15 @@ func (f *httpFrontend) roundTripRace(req *http.Request, app *policy.App, plan po
 		return errorResponse(req, errorStatus(derr), errorBody(derr))
 	}
 
-	pre := &preDialed{conn: c}
+	pre := &preDialed{conn: c, claim: cl}
+	pre.claim.accessPoint, pre.victim = gate.won(ap)
 	defer func() {
-		if c := pre.take(); c != nil {
+		// The transport used a pooled connection of its own instead.
+		if c, cl, victim := pre.take(); c != nil {
 			c.Close()
+			f.s.table.releaseAccessPoint(cl.accessPoint, victim)
+			cl.accessPoint = ""
+			f.s.table.release(cl)
 		}
 	}()
 	resp, err := f.transport(app, ap).RoundTrip(outgoing(req, dialParams{destination: plan.Destination, conn: pre}))
@@ -224,7 +245,7 @@ func (f *httpFrontend) transport(app *policy.App, ap *policy.AccessPoint) *http.
 			return f.dialPlain(ctx, app, ap, addr)
 		},
 		DisableCompression:  true,
-		IdleConnTimeout:     httpUpstreamIdleTimeout,
+		IdleConnTimeout:     shorterTimeout(httpUpstreamIdleTimeout, f.s.currentLimits().IdleTimeout),
 		MaxIdleConnsPerHost: httpUpstreamIdlePerHost,
 		TLSHandshakeTimeout: httpUpstreamTLSHandshake,
 	}
@@ -245,8 +266,11 @@ func (f *httpFrontend) transport(app *policy.App, ap *policy.AccessPoint) *http.
 func (f *httpFrontend) dialPlain(ctx context.Context, app *policy.App, ap *policy.AccessPoint, addr string) (net.Conn, error) {
 	params, _ := ctx.Value(dialParamsKey{}).(dialParams)
 	if params.conn != nil {
-		if c := params.conn.take(); c != nil {
-			return f.s.track(c, app, params.destination, f.l, addr, ap), nil
+		if c, cl, victim := params.conn.take(); c != nil {
+			if victim != nil {
+				f.s.displace(victim, app)
+			}
+			return f.s.track(c, app, params.destination, f.l, addr, ap, cl), nil
 		}
 	}
 
@@ -258,22 +282,80 @@ func (f *httpFrontend) dialPlain(ctx context.Context, app *policy.App, ap *polic
 		defer cancelShare()
 	}
 
+	cl, victim, err := f.claim(app, ap, addr)
+	if err != nil {
+		return nil, &dialFailure{err: err}
+	}
 	started := time.Now()
 	var c net.Conn
-	var err error
 	if gw := ap.Proxy; gw != nil && gw.Protocol == policy.ProxyHTTP {
 		// The transport dials the gateway itself (see transport).
 		c, err = f.s.gatewayTransportDial(ctx, ap, addr)
 	} else {
-		c, err = f.s.dialAccessPoint(ctx, ap, addr)
+		c, err = f.s.dialAccessPoint(ctx, app, ap, addr)
 	}
 	var derr *DialError
 	errors.As(err, &derr)
 	f.s.observeDial(app, ap.Name, addr, time.Since(started), derr)
 	if err != nil {
+		f.s.table.releaseAccessPoint(cl.accessPoint, victim)
+		cl.accessPoint = ""
+		f.s.table.release(cl)
 		return nil, &dialFailure{err: err}
 	}
-	return f.s.track(c, app, params.destination, f.l, addr, ap), nil
+	if victim != nil {
+		f.s.displace(victim, app)
+	}
+	return f.s.track(c, app, params.destination, f.l, addr, ap, cl), nil
+}
+
+// claimApp takes one connection of app's cap for a pooled connection.
+// When app is at its cap, its own idle pooled connections go first, since
+// they may be all that holds it there.
+func (f *httpFrontend) claimApp(app *policy.App, target string) (claim, error) {
+	cl, ok := f.s.table.claimApp(app)
+	if !ok {
+		f.closeIdleConnections()
+		if cl, ok = f.s.table.claimApp(app); !ok {
+			err := fmt.Errorf("%w (max_connections %d)", ErrAppLimit, app.MaxConnections)
+			return claim{}, &DialError{Op: "admit", App: app.Name, Destination: app.Destination.Name, Target: target, Err: err}
+		}
+	}
+	return cl, nil
+}
+
+// claim takes one connection of app's and ap's caps for a pooled
+// connection, with the connection to displace when ap is full, as
+// claimAccessPoint does.
+func (f *httpFrontend) claim(app *policy.App, ap *policy.AccessPoint, target string) (claim, *upstream, error) {
+	cl, err := f.claimApp(app, target)
+	if err != nil {
+		return claim{}, nil, err
+	}
+	victim, counted, ok := f.s.table.claimAccessPoint(ap, app.Priority)
+	if !ok {
+		f.s.table.release(cl)
+		err := fmt.Errorf("%w (max_connections %d)", ErrAccessPointFull, ap.MaxConnections)
+		return claim{}, nil, &DialError{Op: "admit", AccessPoint: ap.Name, Interface: f.s.cfg.Network.Interface(ap), Target: target, Err: err}
+	}
+	if counted {
+		cl.accessPoint = ap.Name
+	}
+	return cl, victim, nil
+}
+
+// closeIdleConnections closes the idle pooled upstream connections of
+// every transport of f.
+func (f *httpFrontend) closeIdleConnections() {
+	f.mu.Lock()
+	transports := make([]*http.Transport, 0, len(f.transports))
+	for _, t := range f.transports {
+		transports = append(transports, t)
+	}
+	f.mu.Unlock()
+	for _, t := range transports {
+		t.CloseIdleConnections()
+	}
 }
 
 // dialFailure marks an error that happened while dialling, before any byte
@@ -325,4 +407,12 @@ func requestTarget(u *url.URL) string {
 
 func refuseDial(context.Context, string, string) (net.Conn, error) {
 	return nil, errDirectDial
+}
+
+// shorterTimeout returns d, or limit when that is set and shorter.
+func shorterTimeout(d, limit time.Duration) time.Duration {
+	if limit > 0 && limit < d {
+		return limit
+	}
+	return d
 }

@@ -13,6 +13,12 @@ import (
 // 0, status 0x5B, and six bytes of port and address that clients ignore.
 var socks4Rejected = []byte{0x00, 0x5B, 0, 0, 0, 0, 0, 0}
 
+// First bytes of the SOCKS versions.
+const (
+	socks4Version = 0x04
+	socks5Version = 0x05
+)
+
 // serveMixed distinguishes SOCKS5 from HTTP by the first byte the client sends,
 // without consuming it, and hands the connection to that front end. SOCKS5
 // starts with its version 5. An HTTP request starts with a method, in
@@ -20,7 +26,7 @@ var socks4Rejected = []byte{0x00, 0x5B, 0, 0, 0, 0, 0, 0}
 func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Frontend, web *httpFrontend) {
 	logger := s.logger.With(logkey.Listener, l.Listen, logkey.Client, c.RemoteAddr().String())
 
-	c.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	c.SetDeadline(time.Now().Add(s.currentLimits().HandshakeTimeout))
 	first, c, err := peekByte(c)
 	if err != nil {
 		logger.Debug("reading first byte failed", logkey.Err, err)
@@ -29,9 +35,9 @@ func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Fronten
 	}
 
 	switch {
-	case first == 0x05:
-		socks.serveConn(c)
-	case first == 0x04:
+	case first == socks5Version:
+		socks.serveSOCKS5(c)
+	case first == socks4Version:
 		logger.Debug("client rejected: SOCKS4 is not supported")
 		c.Write(socks4Rejected)
 		c.Close()

@@ -87,10 +87,11 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 // testPolicy returns the policy of the package's tests. Listeners, by index:
 // 0 socks5 app web; 1 socks5 users alice (app mail) and bob (app web);
-// 2 mixed app web; 3 http app web; 4 http users as 1; 5 socks5 app mail.
-// App web uses the
-// destination internet, which is access point a then b; app mail uses
-// access point b alone.
+// 2 mixed app web; 3 http app web; 4 http users as 1; 5 socks5 app mail;
+// 6 mixed app strict. App web uses the destination internet, which is
+// access point a then b; apps mail and strict use access point b alone.
+// Web and mail may reach local targets, which the loopback servers of the
+// tests are; strict may not.
 func testPolicy(t testing.TB) *policy.Policy {
 	t.Helper()
 	return testPolicyWith(t, "")
@@ -134,10 +135,17 @@ listeners:
   - listen: "127.0.0.1:0"
     protocol: socks5
     app: mail
+  - listen: "127.0.0.1:0"
+    protocol: mixed
+    app: strict
 apps:
   web:
     destination: internet
+    allow_local_targets: true
   mail:
+    access_point: b
+    allow_local_targets: true
+  strict:
     access_point: b
 access_points:
   a:
@@ -161,15 +169,17 @@ destinations:
 type dialBehaviour int
 
 const (
-	dialOK     dialBehaviour = iota // dial loopback for real
-	dialRefuse                      // fail with ECONNREFUSED
-	dialHang                        // wait until the context ends
-	dialFail                        // fail with EHOSTUNREACH
+	dialOK        dialBehaviour = iota // dial loopback for real
+	dialRefuse                         // fail with ECONNREFUSED
+	dialHang                           // wait until the context ends
+	dialFail                           // fail with EHOSTUNREACH
+	dialPanic                          // panic in DialContext
+	dialPanicRead                      // dial loopback, then panic on the first read
 )
 
 // fakeNetwork is a Network of access points whose dialers reach loopback
-// only and record which access point dialled. Resolvers know the names
-// web.test (127.0.0.1), web6.test (::1) and dual.test (::1, 127.0.0.1).
+// only and record which access point dialled. Resolvers know the names of
+// fakeNames.
 type fakeNetwork struct {
 	t testing.TB
 
@@ -267,9 +277,13 @@ type fakeResolver struct {
 }
 
 var fakeNames = map[string][]netip.Addr{
-	"web.test":  {netip.MustParseAddr("127.0.0.1")},
-	"web6.test": {netip.MustParseAddr("::1")},
-	"dual.test": {netip.MustParseAddr("::1"), netip.MustParseAddr("127.0.0.1")},
+	"web.test":   {netip.MustParseAddr("127.0.0.1")},
+	"web6.test":  {netip.MustParseAddr("::1")},
+	"dual.test":  {netip.MustParseAddr("::1"), netip.MustParseAddr("127.0.0.1")},
+	"local.test": {netip.MustParseAddr("169.254.7.7"), netip.MustParseAddr("fe80::7"), netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("::ffff:127.0.0.9")},
+	// rebind.test has one address elsewhere and one on loopback, as a
+	// DNS rebinding answer would.
+	"rebind.test": {netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("203.0.113.80")},
 }
 
 func (r fakeResolver) LookupNetIP(ctx context.Context, host string) ([]netip.Addr, error) {
@@ -294,13 +308,11 @@ func (d fakeDialer) DialContext(ctx context.Context, network, address string) (n
 	b := d.f.behaviour[d.ap]
 	d.f.mu.Unlock()
 
-	// Tests must never reach past loopback.
 	ap, err := netip.ParseAddrPort(address)
-	if err != nil || !ap.Addr().IsLoopback() {
-		d.f.t.Errorf("fake dialer of %s asked for %q, which is not a loopback address", d.ap, address)
-		return nil, errors.New("fake network: not a loopback address")
+	if err != nil {
+		d.f.t.Errorf("fake dialer of %s asked for %q, which is not IP:port", d.ap, address)
+		return nil, errors.New("fake network: not IP:port")
 	}
-
 	opErr := func(errno syscall.Errno) error {
 		return &net.OpError{Op: "dial", Net: network, Addr: net.TCPAddrFromAddrPort(ap), Err: os.NewSyscallError("connect", errno)}
 	}
@@ -312,10 +324,27 @@ func (d fakeDialer) DialContext(ctx context.Context, network, address string) (n
 	case dialHang:
 		<-ctx.Done()
 		return nil, &net.OpError{Op: "dial", Net: network, Addr: net.TCPAddrFromAddrPort(ap), Err: ctx.Err()}
+	case dialPanic:
+		panic("fake network: dialer panics")
+	}
+
+	// Tests must never reach past loopback.
+	if !ap.Addr().IsLoopback() {
+		d.f.t.Errorf("fake dialer of %s asked for %q, which is not a loopback address", d.ap, address)
+		return nil, errors.New("fake network: not a loopback address")
 	}
 	var nd net.Dialer
-	return nd.DialContext(ctx, network, address)
+	c, err := nd.DialContext(ctx, network, address)
+	if err == nil && b == dialPanicRead {
+		return panicReader{c}, nil
+	}
+	return c, err
 }
+
+// panicReader is a connection that panics when read from.
+type panicReader struct{ net.Conn }
+
+func (panicReader) Read([]byte) (int, error) { panic("fake network: connection panics on read") }
 
 // startServer serves l on a new loopback listener and returns the server
 // and the listener's address. The server is closed in t.Cleanup, which also
@@ -363,6 +392,11 @@ func startEchoServer(t testing.TB, network string) string {
 		defer wg.Done()
 		for {
 			c, err := ln.Accept()
+			if errors.Is(err, syscall.EMFILE) {
+				// A test ran the process out of descriptors for a moment.
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
 			if err != nil {
 				return
 			}

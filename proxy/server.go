@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"iapd/internal/logkey"
@@ -18,6 +20,7 @@ import (
 const (
 	DefaultHandshakeTimeout = 10 * time.Second
 	DefaultDialTimeout      = 30 * time.Second
+	DefaultMaxHeaderBytes   = 64 << 10
 )
 
 // Config configures a Server.
@@ -32,6 +35,23 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// DialTimeout bounds one dial over all access points tried. Default 30s.
 	DialTimeout time.Duration
+	// IdleTimeout closes a connection on which no byte has moved either
+	// way for this long: tunnels and pooled HTTP upstream connections. It
+	// also shortens the idle timeouts of HTTP keep-alive connections on
+	// both sides to at most this. Zero or less keeps idle connections open.
+	IdleTimeout time.Duration
+	// MaxHeaderBytes caps an HTTP request line and headers; a larger
+	// request gets 431. Default 64 KiB.
+	MaxHeaderBytes int
+	// AuthFailureDelay is how long the next login of a user name from a
+	// client address waits after a failed one. It doubles with each
+	// further failure, up to 16 times. Zero or less turns the delay off.
+	AuthFailureDelay time.Duration
+	// IsHostAddr reports whether an address belongs to one of the host's
+	// interfaces, which an app may reach only when it allows local
+	// targets. It is called on every dial and must be fast. Nil reads the
+	// host's addresses from the system at most every 2 seconds.
+	IsHostAddr func(netip.Addr) bool
 	// OnClose, if set, is called once for every connection as it leaves the
 	// table, with its final byte counts. It must not block.
 	OnClose func(ConnInfo)
@@ -62,8 +82,17 @@ type Server struct {
 	ctx    context.Context // cancelled by Close, which stops dials in progress
 	cancel context.CancelFunc
 
-	table table
-	conns sync.WaitGroup // one per accepted connection until its front end returns
+	table  table
+	conns  sync.WaitGroup // one per accepted connection until its front end returns
+	sweeps sync.WaitGroup // the idle sweep, until ctx ends
+	auth   *authThrottle
+	stats  stats
+
+	// limits holds the timeouts and sizes of Config, which SetLimits
+	// replaces when the policy is reloaded; limitsChanged then wakes the
+	// idle sweep, whose period follows the idle timeout.
+	limits        atomic.Pointer[policy.Limits]
+	limitsChanged chan struct{}
 
 	mu        sync.Mutex
 	closed    bool                             // guarded by mu
@@ -82,24 +111,60 @@ func NewServer(cfg Config) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if cfg.HandshakeTimeout <= 0 {
-		cfg.HandshakeTimeout = DefaultHandshakeTimeout
-	}
-	if cfg.DialTimeout <= 0 {
-		cfg.DialTimeout = DefaultDialTimeout
+	if cfg.IsHostAddr == nil {
+		cfg.IsHostAddr = new(hostAddrs).has
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Server{
-		cfg:       cfg,
-		logger:    cfg.Logger.With(logkey.Component, "proxy"),
-		ctx:       ctx,
-		cancel:    cancel,
-		listeners: make(map[net.Listener]*servedListener),
-		clients:   make(map[net.Conn]struct{}),
-		frontends: make(map[*frontend]struct{}),
+	s := &Server{
+		cfg:           cfg,
+		logger:        cfg.Logger.With(logkey.Component, "proxy"),
+		ctx:           ctx,
+		cancel:        cancel,
+		auth:          newAuthThrottle(),
+		limitsChanged: make(chan struct{}, 1),
+		listeners:     make(map[net.Listener]*servedListener),
+		clients:       make(map[net.Conn]struct{}),
+		frontends:     make(map[*frontend]struct{}),
+	}
+	s.SetLimits(policy.Limits{
+		HandshakeTimeout: cfg.HandshakeTimeout,
+		DialTimeout:      cfg.DialTimeout,
+		IdleTimeout:      cfg.IdleTimeout,
+		MaxHeaderBytes:   cfg.MaxHeaderBytes,
+		AuthFailureDelay: cfg.AuthFailureDelay,
+	})
+	s.sweeps.Add(1)
+	go s.sweepIdle()
+	return s
+}
+
+// SetLimits replaces the timeouts and sizes that Config set, as for a
+// reloaded policy, with zero fields taking the defaults of Config. Dials
+// and handshakes that started before keep their deadlines; an HTTP front
+// end takes the new header size and idle timeouts when Update replaces it.
+func (s *Server) SetLimits(l policy.Limits) {
+	if l.HandshakeTimeout <= 0 {
+		l.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if l.DialTimeout <= 0 {
+		l.DialTimeout = DefaultDialTimeout
+	}
+	if l.MaxHeaderBytes <= 0 {
+		l.MaxHeaderBytes = DefaultMaxHeaderBytes
+	}
+	l.IdleTimeout = max(l.IdleTimeout, 0)
+	l.AuthFailureDelay = max(l.AuthFailureDelay, 0)
+	s.limits.Store(&l)
+	s.auth.setBase(l.AuthFailureDelay)
+	select {
+	case s.limitsChanged <- struct{}{}:
+	default: // a wake-up is pending already
 	}
 }
+
+// currentLimits returns the limits in force.
+func (s *Server) currentLimits() *policy.Limits { return s.limits.Load() }
 
 // Serve accepts connections on ln and serves each with the front end of
 // l.Protocol. It blocks until ln fails, Retire retires it, or the server
@@ -120,39 +185,120 @@ func (s *Server) Serve(ln net.Listener, l *policy.Listener) error {
 	defer s.removeListener(ln)
 
 	logger := s.logger.With(logkey.Listener, l.Listen)
-	logger.Info("listening", "address", ln.Addr().String(), "protocol", l.Protocol.String())
+	logger.Info("listening", "address", ln.Addr().String(), "protocol", l.Protocol.String(), "max_connections", l.MaxConnections)
 
-	var backoff time.Duration
+	var (
+		backoff time.Duration
+		full    = newLogLimiter(logger, slog.LevelWarn, "listener full; closing new clients", time.Minute)
+		refused = newLogLimiter(logger, slog.LevelInfo, "client address not allowed; closing", time.Minute)
+		retry   = newLogLimiter(logger, slog.LevelWarn, "accept failed; retrying", 10*time.Second)
+	)
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			if s.isStopping() || sl.retired.Load() {
 				return nil
 			}
-			var te interface{ Temporary() bool }
-			if errors.As(err, &te) && te.Temporary() {
-				// Out of file descriptors and the like: wait for some to
-				// be released instead of failing the listener.
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				logger.Warn("accept failed; retrying", logkey.Err, err, "retry_in", backoff)
-				time.Sleep(backoff)
-				continue
+			if !isTemporaryAcceptError(err) {
+				return fmt.Errorf("accepting on %s: %w", l.Listen, err)
 			}
-			return fmt.Errorf("accepting on %s: %w", l.Listen, err)
+			// Out of file descriptors and the like: wait for some to be
+			// released instead of spinning or failing the listener.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.stats.acceptRetries.Add(1)
+			retry.log(logkey.Err, err, "retry_in", backoff)
+			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				s.closeIdleTransports()
+			}
+			if !s.sleep(backoff) {
+				return nil
+			}
+			continue
 		}
 		backoff = 0
+
+		// The policy listener of the moment decides, so that a reload
+		// changes the client ranges and the cap of an open socket.
+		current := sl.cur.Load().l
+		client := remoteAddr(c)
+		if !current.AllowsClient(client.Addr()) {
+			s.stats.clientsRefused.Add(1)
+			refused.log(logkey.Client, client.String())
+			c.Close()
+			continue
+		}
+		if current.MaxConnections > 0 && sl.active.Load() >= int64(current.MaxConnections) {
+			s.stats.listenerFull.Add(1)
+			full.log(logkey.Client, client.String(), "max_connections", current.MaxConnections)
+			c.Close()
+			continue
+		}
 
 		if !s.addClient(c) {
 			c.Close()
 			return nil
 		}
 		fe := sl.acquire()
+		sl.active.Add(1)
 		go func() {
+			defer sl.active.Add(-1)
 			defer s.removeClient(c)
 			defer fe.release()
+			defer s.recoverConn()
 			fe.serve(c)
 		}()
 	}
+}
+
+// isTemporaryAcceptError reports whether an accept failure is worth waiting
+// out: the process or the system is out of file descriptors or memory, or
+// the kernel says so. See accept(2).
+func isTemporaryAcceptError(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	var te interface{ Temporary() bool }
+	return errors.As(err, &te) && te.Temporary()
+}
+
+// sleep waits for d and reports false when the server closed first.
+func (s *Server) sleep(d time.Duration) bool {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return true
+	case <-s.ctx.Done():
+		return false
+	}
+}
+
+// closeIdleTransports closes the idle pooled upstream connections of every
+// HTTP front end, which gives file descriptors back when accept ran out.
+func (s *Server) closeIdleTransports() {
+	s.mu.Lock()
+	webs := make([]*httpFrontend, 0, len(s.frontends))
+	for fe := range s.frontends {
+		if fe.web != nil {
+			webs = append(webs, fe.web)
+		}
+	}
+	s.mu.Unlock()
+	for _, web := range webs {
+		web.closeIdleConnections()
+	}
+}
+
+// remoteAddr returns the address of c's peer, or the zero AddrPort when it
+// is not an IP address.
+func remoteAddr(c net.Conn) netip.AddrPort {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.AddrPort()
+	}
+	ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	return ap
 }
 
 // Update makes the connections that ln accepts from now on follow l, which
@@ -284,7 +430,8 @@ func (s *Server) releaseFrontend(fe *frontend) {
 type servedListener struct {
 	ln      net.Listener
 	cur     atomic.Pointer[frontend]
-	retired atomic.Bool // set by Retire, so that Serve returns nil
+	retired atomic.Bool  // set by Retire, so that Serve returns nil
+	active  atomic.Int64 // clients of ln being served, against the listener's max_connections
 }
 
 // acquire returns the current front end, counted as busy with one more
@@ -395,7 +542,7 @@ func (s *Server) Close() error {
 		c.Close()
 	}
 	s.cancel()
-	s.table.closeMatching(func(*upstream) bool { return true }, true)
+	s.table.closeMatching(func(*upstream) bool { return true }, true, "server closed")
 	for _, f := range frontends {
 		if err := f.close(); err != nil {
 			errs = append(errs, fmt.Errorf("closing HTTP front end: %w", err))
@@ -403,6 +550,7 @@ func (s *Server) Close() error {
 	}
 
 	s.conns.Wait()
+	s.sweeps.Wait()
 	return errors.Join(errs...)
 }
 

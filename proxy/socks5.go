@@ -34,10 +34,28 @@ func (s *Server) newSOCKS5Frontend(l *policy.Listener) *socks5Frontend {
 	}
 }
 
-// serveConn serves one client connection until its tunnel ends. The
-// handshake deadline holds until the upstream is dialled.
+// serveConn serves one client connection until its tunnel ends. A SOCKS4
+// or SOCKS4a client gets the SOCKS4 rejection instead of silence.
 func (f *socks5Frontend) serveConn(c net.Conn) {
-	c.SetDeadline(time.Now().Add(f.s.cfg.HandshakeTimeout))
+	c.SetDeadline(time.Now().Add(f.s.currentLimits().HandshakeTimeout))
+	first, c, err := peekByte(c)
+	if err != nil {
+		f.logger.Debug("reading first byte failed", logkey.Client, c.RemoteAddr().String(), logkey.Err, err)
+		return
+	}
+	if first == socks4Version {
+		f.logger.Debug("client rejected: SOCKS4 is not supported", logkey.Client, c.RemoteAddr().String())
+		c.Write(socks4Rejected)
+		return
+	}
+	f.serveSOCKS5(c)
+}
+
+// serveSOCKS5 serves one client connection whose first byte has been
+// checked, until its tunnel ends. The handshake deadline holds until the
+// upstream is dialled.
+func (f *socks5Frontend) serveSOCKS5(c net.Conn) {
+	c.SetDeadline(time.Now().Add(f.s.currentLimits().HandshakeTimeout))
 	sess := &socks5Session{f: f, client: newClientConn(c)}
 
 	// The library builds nothing costly, and a server per connection lets
@@ -56,6 +74,11 @@ func (f *socks5Frontend) serveConn(c net.Conn) {
 	if err := lib.ServeConn(sess.client); err != nil {
 		f.logger.Debug("socks5 session ended", logkey.Client, c.RemoteAddr().String(), logkey.Err, err)
 	}
+	// The library closes the upstream it was handed; this covers any path
+	// on which it was not handed one after Allow dialled.
+	if sess.upstream != nil {
+		sess.upstream.Close()
+	}
 }
 
 // authMethods returns the methods offered to a client. A listener with
@@ -71,32 +94,53 @@ func (f *socks5Frontend) authMethods(sess *socks5Session) []socks5.Authenticator
 }
 
 // socks5Session is the state of one SOCKS5 client connection. It is the
-// library's credential store and rule set for that connection.
+// library's credential store and rule set for that connection. The library
+// calls it from the connection's own goroutine only.
 type socks5Session struct {
 	f      *socks5Frontend
 	client *clientConn
 	app    *policy.App // identified by Valid; nil until then
 	choice string      // access point or destination chosen in the user name; "" for none
+
+	// The rule set dials, so that it can refuse in the protocol's words
+	// what the policy does not allow; the dial hook hands on the result.
+	upstream *upstream // set by Allow when the dial succeeded
+	dialErr  error     // set by Allow when the dial failed
 }
 
 // Valid reports whether the credentials identify an app on the listener,
-// and remembers that app and the client's choice.
+// and remembers that app and the client's choice. A client address that
+// failed before waits first.
 func (sess *socks5Session) Valid(user, password string) bool {
+	s, client := sess.f.s, remoteAddr(sess.client).Addr()
+	deadline := time.Now().Add(s.currentLimits().HandshakeTimeout)
+	if ok, delayed := s.auth.wait(s.ctx, client, deadline); !ok {
+		s.stats.authDelayed.Add(1)
+		sess.f.logger.Debug("credentials rejected unchecked: too many failures from this address", logkey.Client, client.String())
+		return false
+	} else if delayed {
+		s.stats.authDelayed.Add(1)
+	}
+
 	app, choice, err := sess.f.l.Identify(user, policy.Password(password), true)
 	if err != nil {
-		sess.f.logger.Debug("credentials rejected", logkey.Client, sess.client.RemoteAddr().String(), logkey.Err, err)
+		s.stats.authFailures.Add(1)
+		s.auth.failed(client)
+		sess.f.logger.Debug("credentials rejected", logkey.Client, client.String(), "user", user, logkey.Err, err)
 		return false
 	}
+	s.auth.succeeded(client)
 	sess.app = app
 	sess.choice = choice
 	return true
 }
 
-// Allow identifies the app and stores it in the context that the library
-// passes on to dial. It refuses, which the library answers with reply 0x02
-// (connection not allowed by ruleset), when the policy refuses the target
-// or the client's choice, and when there is no app, which a listener of one
-// app only lacks when misconfigured.
+// Allow identifies the app, dials the request's target for it and keeps
+// the result for dial. It refuses, which the library answers with reply
+// 0x02 (connection not allowed by ruleset), when there is no app, which a
+// listener of one app only lacks when misconfigured, and when the policy
+// does not allow the connection: a target or choice its routes refuse, a
+// local target, or the app at its cap.
 func (sess *socks5Session) Allow(ctx context.Context, req *socks5.Request) (context.Context, bool) {
 	app := sess.app
 	if app == nil && !sess.f.l.HasUsers() {
@@ -113,43 +157,43 @@ func (sess *socks5Session) Allow(ctx context.Context, req *socks5.Request) (cont
 			"choice", sess.choice, logkey.Err, err)
 		return ctx, false
 	}
-	return context.WithValue(ctx, appKey{}, socks5Client{app: app, choice: sess.choice}), true
-}
-
-type appKey struct{}
-
-// socks5Client is what Allow passes on to dial through the context.
-type socks5Client struct {
-	app    *policy.App
-	choice string
-}
-
-// dial dials the request's target for the app that Allow stored in ctx.
-// The error it returns carries only the phrase that makes the library send
-// the matching reply code; the full error goes to the log.
-func (sess *socks5Session) dial(ctx context.Context, _, address string) (net.Conn, error) {
-	client, _ := ctx.Value(appKey{}).(socks5Client)
-	app := client.app
-	if app == nil {
-		// Allow runs before every dial, so this is a programming error.
-		sess.f.logger.Error("dial without app", logkey.Target, address, "unexpected", true)
-		return nil, errors.New(failureHostUnreachable.String())
-	}
-
-	ctx, cancel := sess.f.s.dialContext(ctx)
+	dctx, cancel := sess.f.s.dialContext(ctx)
 	defer cancel()
-	up, err := sess.f.s.dial(ctx, app, client.choice, sess.f.l, address)
+	up, err := sess.f.s.dial(dctx, app, sess.choice, sess.f.l, target)
 	if err != nil {
-		sess.f.logger.Debug("dial failed", logkey.App, app.Name, logkey.Target, address, logkey.Err, err)
 		// Give the failure reply its own time, as the dial may have used
 		// up the handshake's.
-		sess.client.SetDeadline(time.Now().Add(sess.f.s.cfg.HandshakeTimeout))
-		return nil, errors.New(classify(err).String())
+		sess.client.SetDeadline(time.Now().Add(sess.f.s.currentLimits().HandshakeTimeout))
+		if isRefusal(err) {
+			// dial logged a refusal by the routes already.
+			if !errors.Is(err, policy.ErrNotAllowed) {
+				sess.f.logger.Info("connection refused", logkey.App, app.Name, logkey.Target, target, logkey.Err, err)
+			}
+			return ctx, false
+		}
+		sess.f.logger.Debug("dial failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, err)
+		sess.dialErr = err
+		return ctx, true
 	}
+	sess.upstream = up
+	return ctx, true
+}
 
+// dial hands the library the result of Allow's dial. The error it returns
+// carries only the phrase that makes the library send the matching reply
+// code; the full error went to the log.
+func (sess *socks5Session) dial(context.Context, string, string) (net.Conn, error) {
+	if sess.dialErr != nil {
+		return nil, errors.New(classify(sess.dialErr).String())
+	}
+	if sess.upstream == nil {
+		// Allow runs before every dial, so this is a programming error.
+		sess.f.logger.Error("dial without a dialled upstream", "unexpected", true)
+		return nil, errors.New(failureHostUnreachable.String())
+	}
 	// The tunnel may stay idle for as long as its ends like.
 	sess.client.SetDeadline(time.Time{})
-	return up, nil
+	return sess.upstream, nil
 }
 
 // deferredResolver leaves names to the dial: the library resolves before

@@ -24,15 +24,24 @@ type ConnInfo struct {
 	Started     time.Time
 	BytesUp     int64 // client to target
 	BytesDown   int64 // target to client
+	// Reason says why iapd closed the connection, like "idle for 1h0m0s";
+	// empty while it is open and when one of its ends closed it.
+	Reason string
 }
 
-// table is the set of live upstream connections. The zero value is ready
-// to use and it is safe for concurrent use.
+// table is the set of live upstream connections, and the count of each
+// app's and access point's connections against their caps. The zero value
+// is ready to use and it is safe for concurrent use.
 type table struct {
 	mu     sync.Mutex
 	conns  map[uint64]*upstream // guarded by mu
 	lastID uint64               // guarded by mu
 	closed bool                 // guarded by mu; set once the server closes
+
+	// perApp and perAccessPoint count open connections and dials in
+	// progress, by name, for the apps and access points that have a cap.
+	perApp         map[string]int // guarded by mu
+	perAccessPoint map[string]int // guarded by mu
 }
 
 // add gives u its ID and enters it, and reports false when the table is
@@ -52,9 +61,11 @@ func (t *table) add(u *upstream) bool {
 	return true
 }
 
-func (t *table) remove(id uint64) {
+// remove takes u out of the table and gives back its claims on the caps.
+func (t *table) remove(u *upstream) {
 	t.mu.Lock()
-	delete(t.conns, id)
+	delete(t.conns, u.info.ID)
+	t.releaseLocked(u.claim)
 	t.mu.Unlock()
 }
 
@@ -71,9 +82,10 @@ func (t *table) list() []ConnInfo {
 	return rows
 }
 
-// closeMatching closes every connection for which match returns true and
-// returns how many it closed. With closeTable it also refuses later adds.
-func (t *table) closeMatching(match func(*upstream) bool, closeTable bool) int {
+// closeMatching closes every connection for which match returns true,
+// giving reason as the cause, and returns how many it closed. With
+// closeTable it also refuses later adds.
+func (t *table) closeMatching(match func(*upstream) bool, closeTable bool, reason string) int {
 	t.mu.Lock()
 	if closeTable {
 		t.closed = true
@@ -88,18 +100,20 @@ func (t *table) closeMatching(match func(*upstream) bool, closeTable bool) int {
 
 	// Close takes the lock again to leave the table.
 	for _, u := range doomed {
-		u.Close()
+		u.closeWithReason(reason)
 	}
 	return len(doomed)
 }
 
 // track enters c, dialled through ap of destination d for app, into the
-// connection table and returns it wrapped. When the server is already
-// closed, the returned upstream is closed too, so that the caller's first
-// read or write fails.
-func (s *Server) track(c net.Conn, app *policy.App, d *policy.Destination, l *policy.Listener, target string, ap *policy.AccessPoint) *upstream {
+// connection table and returns it wrapped. The upstream takes over cl, the
+// dial's claim on the caps, and gives it back when it closes. When the
+// server is already closed, the returned upstream is closed too, so that
+// the caller's first read or write fails.
+func (s *Server) track(c net.Conn, app *policy.App, d *policy.Destination, l *policy.Listener, target string, ap *policy.AccessPoint, cl claim) *upstream {
 	tcp, _ := c.(*net.TCPConn)
-	u := &upstream{Conn: c, tcp: tcp, s: s}
+	u := &upstream{Conn: c, tcp: tcp, s: s, claim: cl}
+	u.lastActive.Store(time.Now().UnixNano())
 	u.info = ConnInfo{
 		Target:      target,
 		AccessPoint: ap.Name,
@@ -128,7 +142,7 @@ func (s *Server) Conns() []ConnInfo { return s.table.list() }
 // CloseConn closes the connection with the given ID and reports whether
 // there was one.
 func (s *Server) CloseConn(id uint64) bool {
-	n := s.table.closeMatching(func(u *upstream) bool { return u.info.ID == id }, false)
+	n := s.table.closeMatching(func(u *upstream) bool { return u.info.ID == id }, false, "closed on request")
 	if n > 0 {
 		s.logger.Info("closed connection on request", "id", id)
 	}
@@ -139,7 +153,7 @@ func (s *Server) CloseConn(id uint64) bool {
 // point named ap, so that their clients reconnect instead of waiting on a
 // way out that is gone. It returns how many it closed.
 func (s *Server) CloseAccessPoint(ap string) int {
-	n := s.CloseConns(func(c ConnInfo) bool { return c.AccessPoint == ap })
+	n := s.table.closeMatching(func(u *upstream) bool { return u.info.AccessPoint == ap }, false, "access point "+ap+" went away")
 	if n > 0 {
 		s.logger.Info("closed connections of access point", logkey.AccessPoint, ap, "count", n)
 	}
@@ -150,5 +164,5 @@ func (s *Server) CloseAccessPoint(ap string) int {
 // returns how many it closed. match must not block: it runs with the
 // table locked.
 func (s *Server) CloseConns(match func(ConnInfo) bool) int {
-	return s.table.closeMatching(func(u *upstream) bool { return match(u.info) }, false)
+	return s.table.closeMatching(func(u *upstream) bool { return match(u.info) }, false, "closed by the connection manager")
 }

@@ -349,11 +349,11 @@ func TestRelay(t *testing.T) {
 			}
 
 			ap := p.AccessPoints["a"]
-			conn, err := s.dialAccessPoint(t.Context(), ap, echo)
+			conn, err := s.dialAccessPoint(t.Context(), p.Apps["web"], ap, echo)
 			if err != nil {
 				t.Fatalf("dialAccessPoint: %v", err)
 			}
-			up := s.track(conn, p.Apps["web"], p.Apps["web"].Destination, nil, echo, ap)
+			up := s.track(conn, p.Apps["web"], p.Apps["web"].Destination, nil, echo, ap, claim{})
 
 			kernel, user := relayCopies.Kernel.Load(), relayCopies.User.Load()
 			relayed := make(chan error, 1)

@@ -43,6 +43,15 @@ type upstream struct {
 	up   atomic.Int64 // client to target
 	down atomic.Int64 // target to client
 
+	claim     claim // hold on the caps, given back by Close; fixed at track
+	displaced bool  // guarded by s.table.mu; picked to make room, so never picked again
+
+	// lastActive is when the idle sweep last saw the byte counts move, in
+	// Unix nanoseconds, and lastTotal the sum it saw then. Only the sweep
+	// writes them after track.
+	lastActive atomic.Int64
+	lastTotal  atomic.Int64
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -89,7 +98,10 @@ func (u *upstream) CloseRead() error {
 
 // ReadFrom copies from r to the target until r ends. When r is a TCP
 // connection (bare or wrapped by this package) the kernel copies the bytes.
-func (u *upstream) ReadFrom(r io.Reader) (int64, error) {
+func (u *upstream) ReadFrom(r io.Reader) (n int64, err error) {
+	// The relay libraries call this on goroutines of their own, where a
+	// panic would end the daemon.
+	defer u.s.recoverCopy(&err)
 	if src := rawTCP(r); src != nil && u.tcp != nil {
 		relayCopies.Kernel.Add(1)
 		return kernelCopy(u.tcp, src, &u.up)
@@ -101,7 +113,8 @@ func (u *upstream) ReadFrom(r io.Reader) (int64, error) {
 // WriteTo copies from the target to w until the target ends. When w is a
 // TCP connection (bare or wrapped by this package) the kernel copies the
 // bytes.
-func (u *upstream) WriteTo(w io.Writer) (int64, error) {
+func (u *upstream) WriteTo(w io.Writer) (n int64, err error) {
+	defer u.s.recoverCopy(&err)
 	if dst := rawTCP(w); dst != nil && u.tcp != nil {
 		relayCopies.Kernel.Add(1)
 		return kernelCopy(dst, u.tcp, &u.down)
@@ -112,15 +125,20 @@ func (u *upstream) WriteTo(w io.Writer) (int64, error) {
 
 // Close closes the connection and removes it from the table. Only the first
 // call has an effect.
-func (u *upstream) Close() error {
+func (u *upstream) Close() error { return u.closeWithReason("") }
+
+// closeWithReason closes the connection like Close and records why iapd
+// closed it. Only the first call of either has an effect.
+func (u *upstream) closeWithReason(reason string) error {
 	u.closeOnce.Do(func() {
 		u.closeErr = u.Conn.Close()
 		info := u.snapshot()
-		u.s.table.remove(info.ID)
+		info.Reason = reason
+		u.s.table.remove(u)
 		u.s.logger.Debug("connection closed",
 			logkey.App, info.App, logkey.AccessPoint, info.AccessPoint, logkey.Target, info.Target,
 			"bytes_up", info.BytesUp, "bytes_down", info.BytesDown,
-			"duration", time.Since(info.Started).Round(time.Millisecond))
+			"duration", time.Since(info.Started).Round(time.Millisecond), "reason", info.Reason)
 		if u.s.cfg.OnClose != nil {
 			u.s.cfg.OnClose(info)
 		}

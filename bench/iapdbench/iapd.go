@@ -46,14 +46,19 @@ type iapd struct {
 
 // policyTemplate is the policy the benchmark serves: one access point on
 // the default route whose resolver is the benchmark's DNS server, one app,
-// and one listener per proxy mode.
+// and one listener per proxy mode. The app allows local targets, because
+// the benchmark's sinks listen on loopback, which iapd refuses otherwise,
+// and the listeners take up to iapd's maximum of clients, since the memory
+// measure holds more idle tunnels than the default cap of 1024.
 const policyTemplate = `# Written by iapdbench; removed when the run ends.
 listeners:
   - listen: %[1]s
     protocol: socks5
     app: bench
+    max_connections: 1000000
   - listen: %[2]s
     protocol: socks5
+    max_connections: 1000000
     users:
       - name: %[5]s
         password_env: %[6]s
@@ -61,9 +66,11 @@ listeners:
   - listen: %[3]s
     protocol: http
     app: bench
+    max_connections: 1000000
 apps:
   bench:
     access_point: loopback
+    allow_local_targets: true
 access_points:
   loopback:
     interface: default

@@ -80,9 +80,15 @@ func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (_
 	}
 
 	d.proxy = proxy.NewServer(proxy.Config{
-		Network: (*daemonNetwork)(d),
-		Logger:  logger,
-		OnClose: func(c proxy.ConnInfo) { d.usage.Closed(c) },
+		Network:          (*daemonNetwork)(d),
+		Logger:           logger,
+		HandshakeTimeout: pol.Limits.HandshakeTimeout,
+		DialTimeout:      pol.Limits.DialTimeout,
+		IdleTimeout:      pol.Limits.IdleTimeout,
+		MaxHeaderBytes:   pol.Limits.MaxHeaderBytes,
+		AuthFailureDelay: pol.Limits.AuthFailureDelay,
+		IsHostAddr:       func(a netip.Addr) bool { return d.links.Snapshot().HasAddr(a) },
+		OnClose:          func(c proxy.ConnInfo) { d.usage.Closed(c) },
 		OnDialAttempt: func(a proxy.DialAttempt) {
 			d.usage.DialAttempt(a)
 			d.metrics.DialAttempt(a)

@@ -53,6 +53,7 @@ func (d *daemon) reloadLocked() (*admin.ReloadReport, error) {
 	// From here on nothing fails: the new policy takes over.
 	d.supervisor.update(p)
 	d.network.update(p)
+	d.proxy.SetLimits(p.Limits)
 	d.pol.Store(p)
 	report := &admin.ReloadReport{
 		Policy:           admin.PolicyStatus{Path: p.Path, Hash: p.Hash},
