@@ -105,6 +105,7 @@ func (b *httpTestBed) originTarget() string {
 // httpRequestSeen is what the origin server recorded about one request.
 type httpRequestSeen struct {
 	path   string
+	host   string // Host of the request
 	source string // IP of the connection the request came in on
 	remote string // IP:port of that connection
 	header http.Header
@@ -114,7 +115,8 @@ type httpRequestSeen struct {
 // httpOrigin is an HTTP server on 127.0.0.1 that records every request and
 // responds "origin saw PATH". On path /hop the response carries hop-by-hop
 // headers, /stream sends a line and the next only after release is closed,
-// and /reset closes the connection without a response.
+// /reset closes the connection without a response, and /nolength sends a
+// body of 10000 bytes without a length, ended by closing the connection.
 type httpOrigin struct {
 	addr    string
 	release chan struct{} // closed by the test to let /stream send its second line
@@ -136,7 +138,7 @@ func (o *httpOrigin) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	source, _, _ := net.SplitHostPort(r.RemoteAddr)
 	o.mu.Lock()
-	o.seen = append(o.seen, httpRequestSeen{path: r.URL.Path, source: source, remote: r.RemoteAddr, header: r.Header.Clone(), body: string(body)})
+	o.seen = append(o.seen, httpRequestSeen{path: r.URL.Path, host: r.Host, source: source, remote: r.RemoteAddr, header: r.Header.Clone(), body: string(body)})
 	o.mu.Unlock()
 
 	switch r.URL.Path {
@@ -158,6 +160,17 @@ func (o *httpOrigin) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	case "/reset":
 		c, _, err := http.NewResponseController(w).Hijack()
 		if err == nil {
+			c.Close()
+		}
+		return
+	case "/nolength":
+		// An HTTP/1.0 style response: no length, the end of the body is
+		// the end of the connection.
+		c, buf, err := http.NewResponseController(w).Hijack()
+		if err == nil {
+			buf.WriteString("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+			buf.WriteString(strings.Repeat("no length ", 1000))
+			buf.Flush()
 			c.Close()
 		}
 		return

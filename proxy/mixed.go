@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"io"
 	"net"
 	"time"
 
@@ -35,12 +36,9 @@ func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Fronten
 	}
 
 	switch {
-	case first == socks5Version:
-		socks.serveSOCKS5(c)
-	case first == socks4Version:
-		logger.Debug("client rejected: SOCKS4 is not supported")
-		c.Write(socks4Rejected)
-		c.Close()
+	case first == socks5Version, first == socks4Version:
+		// The SOCKS5 front end answers SOCKS4 in its own protocol.
+		socks.serveConn(c)
 	case 'A' <= first && first <= 'Z', 'a' <= first && first <= 'z':
 		// The HTTP front end sets its own deadlines.
 		c.SetDeadline(time.Time{})
@@ -50,6 +48,24 @@ func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Fronten
 		c.Close()
 	}
 }
+
+// rejectSOCKS4 answers a SOCKS4 or SOCKS4a client with the SOCKS4
+// rejection and closes the connection. The rest of the client's request is
+// still unread, and closing a socket with unread input makes the kernel
+// send a reset that can overtake the reply, so the request is read and
+// dropped first, under the connection's deadline.
+func rejectSOCKS4(c net.Conn) {
+	c.Write(socks4Rejected)
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+		io.Copy(io.Discard, io.LimitReader(c, maxSOCKS4Request))
+	}
+	c.Close()
+}
+
+// maxSOCKS4Request bounds what rejectSOCKS4 reads: a SOCKS4a request is 8
+// bytes, a user ID and a host name, each ended by NUL.
+const maxSOCKS4Request = 8 + 2*256
 
 // peekedConn is a connection whose first bytes were read ahead into r.
 type peekedConn struct {

@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
+	"iapd/dns"
 	"iapd/policy"
 )
 
@@ -290,6 +291,10 @@ func (r fakeResolver) LookupNetIP(ctx context.Context, host string) ([]netip.Add
 	r.f.mu.Lock()
 	r.f.lookups = append(r.f.lookups, r.ap+" "+host)
 	r.f.mu.Unlock()
+	if len(host) > 253 {
+		// As the real resolver, which sends no query for such a name.
+		return nil, &dns.Error{Name: host, AccessPoint: r.ap, Err: dns.ErrInvalidName}
+	}
 	addrs, ok := fakeNames[host]
 	if !ok {
 		return nil, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}

@@ -45,7 +45,7 @@ func (f *socks5Frontend) serveConn(c net.Conn) {
 	}
 	if first == socks4Version {
 		f.logger.Debug("client rejected: SOCKS4 is not supported", logkey.Client, c.RemoteAddr().String())
-		c.Write(socks4Rejected)
+		rejectSOCKS4(c)
 		return
 	}
 	f.serveSOCKS5(c)
