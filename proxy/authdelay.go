@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,17 +21,26 @@ const (
 	maxAuthRecords = 16384
 )
 
-// authThrottle slows down password guessing from one client address: after
-// a failed login, that address's next attempts are checked one at a time,
-// each waiting the delay of the failures so far, which doubles with each
-// failure up to maxAuthDelayFactor times the base. A success forgets the
-// address. IPv6 clients are counted per /64, which one host usually holds
-// whole. It is safe for concurrent use; a zero base turns it off.
+// authThrottle slows down password guessing from one client address for
+// one user name: after a failed login, the next attempts are checked one
+// at a time, each waiting the delay of the failures so far, which doubles
+// with each failure up to maxAuthDelayFactor times the base. A success
+// forgets the failures. Counting per user name as well matters on a local
+// proxy, whose clients mostly share 127.0.0.1: an app that keeps sending a
+// wrong password must not slow down the logins of the others. IPv6 clients
+// are counted per /64, which one host usually holds whole. It is safe for
+// concurrent use; a zero base turns it off.
 type authThrottle struct {
 	base atomic.Int64 // time.Duration; 0 turns the throttle off
 
 	mu      sync.Mutex
-	records map[netip.Addr]*authRecord // guarded by mu
+	records map[authKey]*authRecord // guarded by mu
+}
+
+// authKey identifies whose failures a record counts.
+type authKey struct {
+	client netip.Addr // see newAuthKey
+	user   string
 }
 
 type authRecord struct {
@@ -41,20 +51,24 @@ type authRecord struct {
 
 // newAuthThrottle returns a throttle that is off until setBase.
 func newAuthThrottle() *authThrottle {
-	return &authThrottle{records: make(map[netip.Addr]*authRecord)}
+	return &authThrottle{records: make(map[authKey]*authRecord)}
 }
 
 // setBase sets the wait after one failure; 0 turns the throttle off.
 func (a *authThrottle) setBase(base time.Duration) { a.base.Store(int64(base)) }
 
-// authKey returns the address that stands for client's host.
-func authKey(client netip.Addr) netip.Addr {
+// newAuthKey returns the key of user's logins from client, which stands
+// for the client's whole host.
+func newAuthKey(client netip.Addr, user string) authKey {
+	// A choice after '+' (dev+cell) does not make another user, and must
+	// not give a guesser a fresh count.
+	user, _, _ = strings.Cut(user, "+")
 	client = client.Unmap().WithZone("")
 	if client.Is6() {
 		p, _ := client.Prefix(64)
-		return p.Addr()
+		client = p.Addr()
 	}
-	return client
+	return authKey{client: client, user: user}
 }
 
 // delay returns the wait after failures failed attempts.
@@ -65,16 +79,16 @@ func (a *authThrottle) delay(failures int) time.Duration {
 	return time.Duration(a.base.Load()) * time.Duration(min(1<<(failures-1), maxAuthDelayFactor))
 }
 
-// wait blocks until an attempt from client may be checked. It reports
-// false, without waiting, when that time is past deadline, and false when
-// ctx ends first; the caller then rejects the attempt unchecked. delayed
-// reports whether the attempt had to wait at all.
-func (a *authThrottle) wait(ctx context.Context, client netip.Addr, deadline time.Time) (ok, delayed bool) {
+// wait blocks until an attempt of user from client may be checked. It
+// reports false, without waiting, when that time is past deadline, and
+// false when ctx ends first; the caller then rejects the attempt
+// unchecked. delayed reports whether the attempt had to wait at all.
+func (a *authThrottle) wait(ctx context.Context, client netip.Addr, user string, deadline time.Time) (ok, delayed bool) {
 	if a.base.Load() <= 0 || !client.IsValid() {
 		return true, false
 	}
 	now := time.Now()
-	key := authKey(client)
+	key := newAuthKey(client, user)
 
 	a.mu.Lock()
 	r, found := a.records[key]
@@ -105,13 +119,13 @@ func (a *authThrottle) wait(ctx context.Context, client netip.Addr, deadline tim
 	}
 }
 
-// failed records a failed login from client.
-func (a *authThrottle) failed(client netip.Addr) {
+// failed records a failed login of user from client.
+func (a *authThrottle) failed(client netip.Addr, user string) {
 	if a.base.Load() <= 0 || !client.IsValid() {
 		return
 	}
 	now := time.Now()
-	key := authKey(client)
+	key := newAuthKey(client, user)
 
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -130,13 +144,13 @@ func (a *authThrottle) failed(client netip.Addr) {
 	}
 }
 
-// succeeded forgets client's failures.
-func (a *authThrottle) succeeded(client netip.Addr) {
+// succeeded forgets the failures of user from client.
+func (a *authThrottle) succeeded(client netip.Addr, user string) {
 	if a.base.Load() <= 0 || !client.IsValid() {
 		return
 	}
 	a.mu.Lock()
-	delete(a.records, authKey(client))
+	delete(a.records, newAuthKey(client, user))
 	a.mu.Unlock()
 }
 

@@ -230,6 +230,13 @@ func appFromContext(ctx context.Context) (*policy.App, string) {
 // took over: goproxy has already written a rejection or a dial error to it.
 func (f *httpFrontend) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	defer f.s.recoverHandler()
+	if r.ProtoMajor == 1 && r.ProtoMinor > 1 {
+		// goproxy answers CONNECT in the request's version, but a server
+		// answers in the highest minor version it implements (RFC 9110
+		// section 2.5), which is HTTP/1.1 here.
+		r = r.WithContext(r.Context())
+		r.Proto, r.ProtoMinor = "HTTP/1.1", 1
+	}
 	f.proxy.ServeHTTP(w, r)
 
 	client := clientFromContext(r.Context())
@@ -265,9 +272,9 @@ func (f *httpFrontend) identify(r *http.Request) (*policy.App, string, *http.Res
 	}
 
 	s, client := f.s, clientAddr(r)
-	if ok, delayed := s.auth.wait(r.Context(), client, time.Now().Add(s.currentLimits().HandshakeTimeout)); !ok {
+	if ok, delayed := s.auth.wait(r.Context(), client, user, time.Now().Add(s.currentLimits().HandshakeTimeout)); !ok {
 		s.stats.authDelayed.Add(1)
-		f.log.Info("proxy authentication rejected unchecked: too many failures from this address", logkey.Client, r.RemoteAddr, logkey.Target, r.Host)
+		f.log.Info("proxy authentication rejected unchecked: too many failures from this address", logkey.Client, r.RemoteAddr, "user", user, logkey.Target, r.Host)
 		return nil, "", authRequiredResponse(r)
 	} else if delayed {
 		s.stats.authDelayed.Add(1)
@@ -282,11 +289,11 @@ func (f *httpFrontend) identify(r *http.Request) (*policy.App, string, *http.Res
 		err = errMalformedCredentials
 	}
 	if err == nil {
-		s.auth.succeeded(client)
+		s.auth.succeeded(client, user)
 		return app, choice, nil
 	}
 	s.stats.authFailures.Add(1)
-	s.auth.failed(client)
+	s.auth.failed(client, user)
 
 	f.log.Info("proxy authentication failed",
 		logkey.Client, r.RemoteAddr, "user", user, logkey.Target, r.Host, logkey.Err, err)

@@ -103,10 +103,10 @@ func textResponse(r *http.Request, status int, body string) *http.Response {
 }
 
 // errorStatus maps a dial or round-trip error to the status the client
-// gets: 400 for a target that is not host:port or not a valid name, 403
-// when the policy refuses the connection or a local target the app may not
-// reach, 503 when no access point can carry the connection or a
-// connection cap is reached, 504 on a timeout, and 502 otherwise.
+// gets. A target that is not host:port or not a valid name gets 400. A
+// connection the policy refuses, or a local target the app may not reach,
+// gets 403, and no usable access point or a reached connection cap 503. A
+// timeout gets 504, and the rest 502.
 func errorStatus(err error) int {
 	switch {
 	case errors.Is(err, policy.ErrNotAllowed):

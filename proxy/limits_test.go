@@ -514,6 +514,16 @@ func TestAuthFailureDelay(t *testing.T) {
 				t.Errorf("attempt %d took %v, want at least %v", i, took, wantMin)
 			}
 		}
+		// Another user from the same address is not slowed down.
+		c := dialProxy(t, addr)
+		c.Write(greeting(methodUserPass))
+		readExactly(t, c, 2)
+		start := time.Now()
+		c.Write(userPass("bob", "bob-secret"))
+		if status := readExactly(t, c, 2)[1]; status != 0 || time.Since(start) > delay {
+			t.Errorf("bob after alice's failures: status %d after %v, want 0 at once", status, time.Since(start))
+		}
+
 		// The right password waits too, then clears the record.
 		if status, took := attempt("alice-secret"); status != 0 || took < 8*delay*9/10 {
 			t.Errorf("right password: status %d after %v, want 0 after at least %v", status, took, 8*delay)
@@ -546,8 +556,12 @@ func TestAuthFailureDelay(t *testing.T) {
 		if status, took := attempt(wrong); status != http.StatusProxyAuthRequired || took < delay*9/10 {
 			t.Errorf("second wrong password: status %d after %v, want 407 after at least %v", status, took, delay)
 		}
-		if status, took := attempt("Proxy-Authorization: garbage\r\n"); status != http.StatusProxyAuthRequired || took < 2*delay*9/10 {
-			t.Errorf("malformed credentials: status %d after %v, want 407 after at least %v", status, took, 2*delay)
+		// Malformed credentials count for the empty user name.
+		if status, took := attempt("Proxy-Authorization: garbage\r\n"); status != http.StatusProxyAuthRequired || took > delay {
+			t.Errorf("first malformed credentials: status %d after %v, want 407 at once", status, took)
+		}
+		if status, took := attempt("Proxy-Authorization: garbage\r\n"); status != http.StatusProxyAuthRequired || took < delay*9/10 {
+			t.Errorf("second malformed credentials: status %d after %v, want 407 after at least %v", status, took, delay)
 		}
 	})
 }
@@ -560,43 +574,49 @@ func TestAuthThrottle(t *testing.T) {
 	neighbour := netip.MustParseAddr("2001:db8::6")  // same /64
 	stranger := netip.MustParseAddr("2001:db8:1::5") // another /64
 
-	if ok, delayed := a.wait(t.Context(), client, time.Time{}); !ok || delayed {
+	if ok, delayed := a.wait(t.Context(), client, "alice", time.Time{}); !ok || delayed {
 		t.Fatalf("wait before any failure = %v, %v; want true, false", ok, delayed)
 	}
 	for range 6 {
-		a.failed(client)
+		a.failed(client, "alice")
 	}
 	if got, want := a.delay(6), 16*base; got != want {
 		t.Errorf("delay after 6 failures = %v, want the cap %v", got, want)
 	}
-	if ok, delayed := a.wait(t.Context(), stranger, time.Time{}); !ok || delayed {
+	if ok, delayed := a.wait(t.Context(), stranger, "alice", time.Time{}); !ok || delayed {
 		t.Errorf("wait of another /64 = %v, %v; want true, false", ok, delayed)
+	}
+	if ok, delayed := a.wait(t.Context(), client, "bob", time.Time{}); !ok || delayed {
+		t.Errorf("wait of another user from the same address = %v, %v; want true, false", ok, delayed)
+	}
+	if got, want := newAuthKey(client, "alice+cell"), newAuthKey(neighbour, "alice"); got != want {
+		t.Errorf("key of alice+cell = %v, want alice's %v: a choice must not start a fresh count", got, want)
 	}
 
 	// Attempts that arrive together are spaced out, and an attempt whose
 	// turn would come after its deadline is refused at once.
 	start := time.Now()
-	if ok, delayed := a.wait(t.Context(), neighbour, time.Time{}); !ok || !delayed {
+	if ok, delayed := a.wait(t.Context(), neighbour, "alice", time.Time{}); !ok || !delayed {
 		t.Errorf("wait of the same /64 = %v, %v; want true, true", ok, delayed)
 	}
-	if took := time.Since(start); took < 16*base {
-		t.Errorf("first wait took %v, want at least %v", took, 16*base)
+	if took := time.Since(start); took < 16*base*9/10 {
+		t.Errorf("first wait took %v, want about %v", took, 16*base)
 	}
 	start = time.Now()
-	if ok, _ := a.wait(t.Context(), client, time.Now().Add(base)); ok {
+	if ok, _ := a.wait(t.Context(), client, "alice", time.Now().Add(base)); ok {
 		t.Errorf("wait past its deadline = true, want false")
 	}
 	if took := time.Since(start); took > base {
 		t.Errorf("refused wait took %v, want no wait", took)
 	}
 
-	a.succeeded(client)
-	if ok, delayed := a.wait(t.Context(), client, time.Time{}); !ok || delayed {
+	a.succeeded(client, "alice")
+	if ok, delayed := a.wait(t.Context(), client, "alice", time.Time{}); !ok || delayed {
 		t.Errorf("wait after success = %v, %v; want true, false", ok, delayed)
 	}
 	off := newAuthThrottle()
-	off.failed(client)
-	if ok, delayed := off.wait(t.Context(), client, time.Time{}); !ok || delayed {
+	off.failed(client, "alice")
+	if ok, delayed := off.wait(t.Context(), client, "alice", time.Time{}); !ok || delayed {
 		t.Errorf("wait with the delay off = %v, %v; want true, false", ok, delayed)
 	}
 }

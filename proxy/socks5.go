@@ -102,19 +102,20 @@ type socks5Session struct {
 	app    *policy.App // identified by Valid; nil until then
 	choice string      // access point or destination chosen in the user name; "" for none
 
-	// The rule set dials, so that it can refuse in the protocol's words
-	// what the policy does not allow; the dial hook hands on the result.
+	// The rule set dials, because only its refusal gets the SOCKS5 reply
+	// "not allowed by ruleset". The dial hook hands on the result.
 	upstream *upstream // set by Allow when the dial succeeded
 	dialErr  error     // set by Allow when the dial failed
 }
 
 // Valid reports whether the credentials identify an app on the listener,
-// and remembers that app and the client's choice. A client address that
-// failed before waits first.
+// and remembers that app and the client's choice. A login that failed
+// before from the same client address and user name makes this one wait
+// first.
 func (sess *socks5Session) Valid(user, password string) bool {
 	s, client := sess.f.s, remoteAddr(sess.client).Addr()
 	deadline := time.Now().Add(s.currentLimits().HandshakeTimeout)
-	if ok, delayed := s.auth.wait(s.ctx, client, deadline); !ok {
+	if ok, delayed := s.auth.wait(s.ctx, client, user, deadline); !ok {
 		s.stats.authDelayed.Add(1)
 		sess.f.logger.Debug("credentials rejected unchecked: too many failures from this address", logkey.Client, client.String())
 		return false
@@ -125,22 +126,22 @@ func (sess *socks5Session) Valid(user, password string) bool {
 	app, choice, err := sess.f.l.Identify(user, policy.Password(password), true)
 	if err != nil {
 		s.stats.authFailures.Add(1)
-		s.auth.failed(client)
+		s.auth.failed(client, user)
 		sess.f.logger.Debug("credentials rejected", logkey.Client, client.String(), "user", user, logkey.Err, err)
 		return false
 	}
-	s.auth.succeeded(client)
+	s.auth.succeeded(client, user)
 	sess.app = app
 	sess.choice = choice
 	return true
 }
 
 // Allow identifies the app, dials the request's target for it and keeps
-// the result for dial. It refuses, which the library answers with reply
-// 0x02 (connection not allowed by ruleset), when there is no app, which a
-// listener of one app only lacks when misconfigured, and when the policy
-// does not allow the connection: a target or choice its routes refuse, a
-// local target, or the app at its cap.
+// the result for dial. It rejects the request, which the library replies
+// to with 0x02 (connection not allowed by ruleset), in two cases. Either
+// there is no app, which only a misconfigured listener of one app lacks,
+// or the policy does not allow the connection: a target or choice its
+// routes refuse, a local target, or the app at its cap.
 func (sess *socks5Session) Allow(ctx context.Context, req *socks5.Request) (context.Context, bool) {
 	app := sess.app
 	if app == nil && !sess.f.l.HasUsers() {
