@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"io/fs"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -716,8 +717,42 @@ func TestSnippetOfParseError(t *testing.T) {
 	}
 }
 
+// checkInvariants fails t when a policy that Parse accepted breaks a rule
+// that the proxy relies on.
+func checkInvariants(t *testing.T, p *Policy) {
+	t.Helper()
+	for i, l := range p.Listeners {
+		if (l.App == nil) == !l.HasUsers() {
+			t.Fatalf("listeners[%d] has app %v and %d users, want exactly one of them", i, l.App, len(l.Users))
+		}
+		if l.MaxConnections < 1 {
+			t.Fatalf("listeners[%d].MaxConnections = %d", i, l.MaxConnections)
+		}
+		host, _, _ := net.SplitHostPort(l.Listen)
+		addr, err := netip.ParseAddr(host)
+		loopback := host == "localhost" || err == nil && addr.IsLoopback()
+		if !loopback && !l.HasUsers() && l.AllowClients == nil {
+			t.Fatalf("listeners[%d] on %s serves anyone without credentials", i, l.Listen)
+		}
+		for name, u := range l.Users {
+			if u.App == nil || u.secret == nil {
+				t.Fatalf("listeners[%d].users %s has app %v, secret %v", i, name, u.App, u.secret)
+			}
+		}
+	}
+	for name, app := range p.Apps {
+		if app.Destination == nil || len(app.Destination.AccessPoints) == 0 {
+			t.Fatalf("app %s has no access points", name)
+		}
+	}
+	if p.Limits.HandshakeTimeout <= 0 || p.Limits.DialTimeout <= 0 || p.Limits.MaxHeaderBytes <= 0 || p.Limits.IdleTimeout < 0 {
+		t.Fatalf("limits %+v out of range", p.Limits)
+	}
+}
+
 // FuzzParse checks that no input makes Parse panic, and that it returns
-// either a policy or an ErrorList. The golden files seed it.
+// either a policy that keeps the proxy's invariants or an ErrorList. The
+// golden files seed it.
 func FuzzParse(f *testing.F) {
 	files, _ := filepath.Glob("testdata/bad/*.yaml")
 	files = append(files, "../config.example.yaml")
@@ -736,6 +771,7 @@ func FuzzParse(f *testing.F) {
 			if p == nil {
 				t.Fatal("Parse returned neither a policy nor an error")
 			}
+			checkInvariants(t, p)
 			return
 		}
 		var list ErrorList

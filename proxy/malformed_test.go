@@ -270,6 +270,11 @@ func TestMalformedHTTP(t *testing.T) {
 			wantPrefix: true,
 		},
 		{
+			name:       "http/1.2 connect",
+			request:    "CONNECT ORIGIN HTTP/1.2\r\nHost: ORIGIN\r\n\r\n",
+			wantStatus: http.StatusOK,
+		},
+		{
 			name:       "http/2 preface",
 			request:    "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
 			wantStatus: http.StatusBadRequest,
@@ -290,6 +295,9 @@ func TestMalformedHTTP(t *testing.T) {
 				resp, body, _, _ := rawExchange(t, bed.proxy, request)
 				if resp.StatusCode != tt.wantStatus {
 					t.Errorf("status %d, want %d", resp.StatusCode, tt.wantStatus)
+				}
+				if resp.ProtoMajor != 1 || resp.ProtoMinor > 1 {
+					t.Errorf("response version %s, want HTTP/1.0 or HTTP/1.1", resp.Proto)
 				}
 				if tt.wantPrefix && !strings.HasPrefix(body, tt.wantBody) || !tt.wantPrefix && body != tt.wantBody {
 					t.Errorf("body %q, want %q", body, tt.wantBody)
