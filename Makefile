@@ -5,7 +5,9 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X iapd/internal/cli.Version=$(VERSION)
 CONFIG ?= config.example.yaml
 
-.PHONY: all setup build run test vet bench clean install
+FUZZTIME ?= 1m
+
+.PHONY: all setup build run test vet fuzz soak bench clean install
 
 all: build
 
@@ -23,10 +25,24 @@ run: build
 vet:
 	$(GO) vet ./...
 
-# test runs every test. As root, the network namespace tests run too;
-# with CI=true they must run, and a skip fails the build.
+# test runs every test, then each fuzz test for 5 s. As root, the network
+# namespace tests run too, the short soak test among them; with CI=true
+# they must run, and a skip fails the build.
 test: setup vet
 	$(GO) test -count=1 -timeout 8m ./...
+	GO=$(GO) ./scripts/fuzz.sh 5s
+
+# fuzz runs each fuzz test for FUZZTIME (default 1m); see docs/soak.md.
+fuzz:
+	GO=$(GO) ./scripts/fuzz.sh $(FUZZTIME)
+
+# soak runs the long soak test (as root, about 4 minutes): thousands of
+# clients through iapd in network namespaces while links flap. Its
+# figures go to bin/soak-report.txt; see docs/soak.md.
+soak: setup
+	mkdir -p bin
+	CI=true IAPD_SOAK=long IAPD_SOAK_REPORT=$(CURDIR)/bin/soak-report.txt \
+		$(GO) test -count=1 -timeout 20m -run '^TestPrivilegedSoak$$' -v ./cmd/iapd
 
 # bench measures iapd against direct connections on loopback; see
 # bench/README.md. BENCHFLAGS=-quick gives a run of about 30 s.

@@ -326,6 +326,10 @@ func (b *Bed) Explain(t testing.TB, d *Iapd, args ...string) string {
 	return stdout.String()
 }
 
+// Pid returns the process ID of iapd, for reading its state under /proc.
+// ip netns exec runs iapd in place of itself, so this is iapd's own.
+func (d *Iapd) Pid() int { return d.cmd.Process.Pid }
+
 // Logs returns what iapd wrote to standard error so far, one JSON record a
 // line.
 func (d *Iapd) Logs() string {
