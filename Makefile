@@ -7,13 +7,17 @@ CONFIG ?= config.example.yaml
 
 FUZZTIME ?= 1m
 
-.PHONY: all setup build run test vet fuzz soak bench clean install
+.PHONY: all setup setup-test build run test vet fuzz soak bench clean install
 
 all: build
 
-# setup installs the Debian packages the build and tests need (idempotent).
+# setup installs the Debian packages the build needs; setup-test adds
+# those the tests need. Both are idempotent.
 setup:
 	./scripts/setup-debian.sh
+
+setup-test:
+	./scripts/setup-debian.sh test
 
 build: setup
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/iapd ./cmd/iapd
@@ -28,7 +32,7 @@ vet:
 # test runs every test, then each fuzz test for 5 s. As root, the network
 # namespace tests run too, the short soak test among them; with CI=true
 # they must run, and a skip fails the build.
-test: setup vet
+test: setup-test vet
 	$(GO) test -count=1 -timeout 8m ./...
 	GO=$(GO) ./scripts/fuzz.sh 5s
 
@@ -39,7 +43,7 @@ fuzz:
 # soak runs the long soak test (as root, about 4 minutes): thousands of
 # clients through iapd in network namespaces while links flap. Its
 # figures go to bin/soak-report.txt; see docs/soak.md.
-soak: setup
+soak: setup-test
 	mkdir -p bin
 	CI=true IAPD_SOAK=long IAPD_SOAK_REPORT=$(CURDIR)/bin/soak-report.txt \
 		$(GO) test -count=1 -timeout 20m -run '^TestPrivilegedSoak$$' -v ./cmd/iapd

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"iapd/dns"
 	"iapd/internal/logkey"
 	"iapd/policy"
 )
@@ -98,7 +99,10 @@ func (s *Server) dial(ctx context.Context, app *policy.App, choice string, l *po
 }
 
 // dialInOrder tries plan's candidates one after another, each within its
-// share of the time left. A full access point is passed over like an
+// share of the time left. It stops at a name that an access point's DNS
+// servers say does not exist: that is an answer, not a failure of the
+// access point, and asking the next one would send the name to another
+// interface's servers. A full access point is passed over like an
 // unusable one: its error becomes the primary cause only when no access
 // point was dialled.
 func (s *Server) dialInOrder(ctx context.Context, plan policy.Plan, host string, port uint16, target string, gate *capGate) (net.Conn, *policy.AccessPoint, *DialError) {
@@ -133,7 +137,7 @@ func (s *Server) dialInOrder(ctx context.Context, plan policy.Plan, host string,
 		} else {
 			rest = append(rest, derr)
 		}
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || isNameNotFound(derr) {
 			break
 		}
 	}
@@ -460,4 +464,14 @@ func shareDeadline(ctx context.Context, left int) (context.Context, context.Canc
 		share = min(minAttemptTime, remaining)
 	}
 	return context.WithTimeout(ctx, share)
+}
+
+// isNameNotFound reports whether derr is a DNS answer that the name does
+// not exist, from an access point's own resolver or the host's.
+func isNameNotFound(derr *DialError) bool {
+	if derr.Op != "resolve" {
+		return false
+	}
+	var sysErr *net.DNSError
+	return errors.Is(derr.Err, dns.ErrNotFound) || (errors.As(derr.Err, &sysErr) && sysErr.IsNotFound)
 }

@@ -494,3 +494,19 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+func TestSOCKS5UnknownNameStaysOnFirstAccessPoint(t *testing.T) {
+	network := newFakeNetwork(t)
+	p := testPolicy(t)
+	_, addr := startServer(t, Config{Network: network}, p.Listeners[0])
+	c := dialProxy(t, addr)
+
+	c.Write(slices.Concat(greeting(methodNoAuth), request(t, 1, "missing.test:80")))
+	readExactly(t, c, 2)
+	if got, want := readExactly(t, c, 10), failureReply(replyHostUnreachable); !bytes.Equal(got, want) {
+		t.Errorf("reply % x, want % x", got, want)
+	}
+	if got, want := network.resolved(), []string{"a missing.test"}; !slices.Equal(got, want) {
+		t.Errorf("lookups = %q, want %q: the next access point's resolver must not see the name", got, want)
+	}
+}

@@ -1,6 +1,10 @@
 #!/bin/sh
-# Installs the Debian packages that building and testing iapd need, and
-# only those that are missing, so a second run costs nothing.
+# Installs the Debian packages that building iapd needs and, with the
+# argument "test", those its tests need too. Only missing packages are
+# installed, so a second run costs nothing.
+#   golang-go   only when no Go toolchain is installed; go.mod then makes
+#               it fetch the Go release the module needs
+# For tests:
 #   iproute2    ip netns, veth pairs, routes and rules for namespace tests
 #   curl        the real client in end-to-end tests
 #   util-linux  setpriv, to start iapd without capabilities in a test
@@ -8,17 +12,17 @@
 #   dbus-daemon a private bus for the stand-in systemd-resolved and
 #               NetworkManager of the dns: auto tests
 #   bind9-dnsutils  dig, the real DNS client of the per-app DNS listener test
-#   golang-go   only when no Go toolchain is installed; go.mod then makes
-#               it fetch the Go release the module needs
 set -eu
 
 need=""
-command -v ip >/dev/null 2>&1 || need="$need iproute2"
-command -v curl >/dev/null 2>&1 || need="$need curl"
-command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
-command -v chromium >/dev/null 2>&1 || need="$need chromium"
-command -v dbus-daemon >/dev/null 2>&1 || need="$need dbus-daemon"
-command -v dig >/dev/null 2>&1 || need="$need bind9-dnsutils"
+if [ "${1:-}" = test ]; then
+	command -v ip >/dev/null 2>&1 || need="$need iproute2"
+	command -v curl >/dev/null 2>&1 || need="$need curl"
+	command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
+	command -v chromium >/dev/null 2>&1 || need="$need chromium"
+	command -v dbus-daemon >/dev/null 2>&1 || need="$need dbus-daemon"
+	command -v dig >/dev/null 2>&1 || need="$need bind9-dnsutils"
+fi
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
 	need="$need golang-go ca-certificates"
 fi

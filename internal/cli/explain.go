@@ -77,6 +77,12 @@ func explainPolicyCommand(args []string, stdout, stderr io.Writer) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	writeExplain(ctx, stdout, plan, *target, c, dns.DiscoverConfig{Logger: quiet})
+
+	// Exit 1 when the connection would be refused, as explain against a
+	// running iapd does, so that scripts can test a policy.
+	if plan.Refused() != nil || len(plan.Candidates) == 0 {
+		return errSilent
+	}
 	return nil
 }
 

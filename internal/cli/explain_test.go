@@ -198,8 +198,9 @@ func TestExplainCommand(t *testing.T) {
 		want    []string // lines of standard output, in order
 	}{
 		{
-			name: "interfaces missing on this host",
-			args: []string{"-c", path, "--app", "laptop", "--target", "www.example.com:443"},
+			name:    "interfaces missing on this host",
+			args:    []string{"-c", path, "--app", "laptop", "--target", "www.example.com:443"},
+			wantErr: errSilent.Error(), // exit 1: the connection would be refused
 			want: []string{
 				"       unusable: interface wlan-test0 not found",
 				"       probe: http http://192.0.2.80/generate_204 every 5s: not sent; add -probe to send it once",
@@ -224,9 +225,10 @@ func TestExplainCommand(t *testing.T) {
 				if errors.As(err, &ue) != tt.usage {
 					t.Errorf("usage error = %v, want %v", !tt.usage, tt.usage)
 				}
-				return
-			}
-			if err != nil {
+				if tt.want == nil {
+					return
+				}
+			} else if err != nil {
 				t.Fatalf("explain: %v\n%s", err, stderr.String())
 			}
 			rest := stdout.String()
