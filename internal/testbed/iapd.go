@@ -319,10 +319,18 @@ func (b *Bed) Explain(t testing.TB, d *Iapd, args ...string) string {
 	cmd.Env = withoutProxyVariables(os.Environ())
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
+	err := cmd.Run()
+	t.Logf("iapd explain %s: %v\n%s", strings.Join(args, " "), err, stdout.String())
+
+	// explain exits 1 exactly when the connection would be refused.
+	refused := strings.Contains(stdout.String(), "\nwould use: none")
+	var exitErr *exec.ExitError
+	switch {
+	case err == nil && refused:
+		t.Errorf("iapd explain %s: exit 0, but it would refuse the connection", strings.Join(args, " "))
+	case err != nil && !(refused && errors.As(err, &exitErr) && exitErr.ExitCode() == 1):
 		t.Fatalf("iapd explain %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
 	}
-	t.Logf("iapd explain %s:\n%s", strings.Join(args, " "), stdout.String())
 	return stdout.String()
 }
 
