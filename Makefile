@@ -7,7 +7,7 @@ CONFIG ?= config.example.yaml
 
 FUZZTIME ?= 1m
 
-.PHONY: all setup setup-test build run test vet fuzz soak bench clean install
+.PHONY: all setup setup-test build run bed test vet fuzz soak bench clean install
 
 all: build
 
@@ -25,6 +25,13 @@ build: setup
 # run builds iapd and serves $(CONFIG) in the foreground; Ctrl-C stops it.
 run: build
 	./bin/iapd run -c $(CONFIG)
+
+# bed (as root) builds the network namespaces of the end-to-end tests,
+# runs iapd in them with a ready policy and prints what to try in other
+# terminals; Ctrl-C removes everything. See docs/cookbook.md.
+bed: build
+	$(GO) build -o bin/iapd-bed ./internal/testbed/cmd/iapd-bed
+	./bin/iapd-bed -iapd bin/iapd
 
 vet:
 	$(GO) vet ./...

@@ -156,6 +156,13 @@ type StartOptions struct {
 	Env []string
 	// Args are added to the command line of "iapd run".
 	Args []string
+	// Binary is the iapd executable to run. Default: the one Binary
+	// builds from the module.
+	Binary string
+	// Detach runs iapd in a process group of its own, so that a Ctrl-C
+	// in the terminal reaches only the caller, which stops iapd in its
+	// cleanup and can still check how it exits.
+	Detach bool
 }
 
 // Start runs "iapd run" with policy in the host namespace and waits until
@@ -172,7 +179,10 @@ func (b *Bed) Start(t testing.TB, policy string, env ...string) *Iapd {
 // t's temporary directory, so that iapd processes of tests never meet.
 func (b *Bed) StartWith(t testing.TB, policy string, opts StartOptions) *Iapd {
 	t.Helper()
-	bin := Binary(t)
+	bin := opts.Binary
+	if bin == "" {
+		bin = Binary(t)
+	}
 	d := &Iapd{
 		PolicyPath: WritePolicy(t, policy),
 		Socket:     filepath.Join(t.TempDir(), "iapd.sock"),
@@ -185,6 +195,9 @@ func (b *Bed) StartWith(t testing.TB, policy string, opts StartOptions) *Iapd {
 	args := append([]string{"run", "-c", d.PolicyPath, "--log-format", "json", "--log-level", "debug", "--socket", d.Socket}, opts.Args...)
 	d.cmd = b.Host.Command(context.Background(), bin, args...)
 	d.cmd.Env = append(withoutProxyVariables(os.Environ()), opts.Env...)
+	if opts.Detach {
+		d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	}
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {
 		t.Fatalf("starting iapd: %v", err)
