@@ -47,14 +47,24 @@ type httpFrontend struct {
 
 // servedConn is the state of one client connection handed to serveConn.
 type servedConn struct {
-	conn     net.Conn
+	raw      net.Conn      // as accepted
+	conn     *clientConn   // raw as http.Server and goproxy see it
 	done     chan struct{} // closed by finish, which releases serveConn
 	once     sync.Once
 	hijacked atomic.Bool // goproxy took the connection away from http.Server
 	tunnel   atomic.Bool // a CONNECT tunnel owns the connection: its dial succeeded
+	up       *upstream   // the tunnel's upstream; set before tunnel
+	released atomic.Bool // goproxy's relay has returned; the tunnel is iapd's to relay
 }
 
 func (c *servedConn) finish() { c.once.Do(func() { close(c.done) }) }
+
+// release records that goproxy is done with the tunnel and releases
+// serveConn to relay it.
+func (c *servedConn) release() {
+	c.released.Store(true)
+	c.finish()
+}
 
 // Context keys of the values that the CONNECT path carries from the
 // handler to ConnectDialWithReq and ConnectionErrHandler.
@@ -114,52 +124,43 @@ func (s *Server) newHTTPFrontend(l *policy.Listener) *httpFrontend {
 	return f
 }
 
-// serveConn serves one client connection and returns when it is finished:
-// when http.Server closes it, when a CONNECT tunnel over it has ended, or
-// when the front end is closed. c should be the raw *net.TCPConn, because
-// goproxy half-closes a tunnel only between two connections that can, and
-// the kernel copies its bytes only between two TCP sockets.
-func (f *httpFrontend) serveConn(c net.Conn) {
-	if tcp, ok := c.(*net.TCPConn); ok {
-		c = &tcpClientConn{TCPConn: tcp}
-	}
-	client := &servedConn{conn: c, done: make(chan struct{})}
+// serveConn serves one client connection until http.Server closes it, a
+// CONNECT tunnel over it is set up, or the front end is closed. It reports
+// whether a relay owns the connection when it returns. c should be the raw
+// *net.TCPConn, because the relay copies in the kernel only between two
+// TCP sockets.
+func (f *httpFrontend) serveConn(c net.Conn) (relaying bool) {
+	client := &servedConn{raw: c, conn: newClientConn(c), done: make(chan struct{})}
 	f.mu.Lock()
 	if f.closed {
 		f.mu.Unlock()
-		_ = c.Close()
-		return
+		return false
 	}
-	f.clients[c] = client
+	f.clients[client.conn] = client
 	f.mu.Unlock()
 	defer func() {
 		f.mu.Lock()
-		delete(f.clients, c)
+		delete(f.clients, client.conn)
 		f.mu.Unlock()
 	}()
 
-	if !f.ln.push(c) {
-		_ = c.Close()
-		return
+	if !f.ln.push(client.conn) {
+		return false
 	}
 	<-client.done
-}
 
-// tcpClientConn is a client's TCP connection as http.Server and goproxy
-// see it. goproxy relays a tunnel with io.Copy, which prefers the source's
-// io.WriterTo. (*net.TCPConn).WriteTo splices only into a Unix
-// socket and otherwise hides the TCP socket from the upstream's ReadFrom,
-// which then copies in user space. WriteTo here hands the bare socket on.
-type tcpClientConn struct {
-	*net.TCPConn
-}
-
-// WriteTo copies from the client to w until the client ends.
-func (c *tcpClientConn) WriteTo(w io.Writer) (int64, error) {
-	if rf, ok := w.(io.ReaderFrom); ok {
-		return rf.ReadFrom(c.TCPConn)
+	if client.tunnel.Load() {
+		f.mu.Lock()
+		closed := f.closed
+		f.mu.Unlock()
+		if !client.released.Load() || closed {
+			client.up.Close()
+			return false
+		}
+		f.s.startRelay(c, client.up)
+		return true
 	}
-	return io.Copy(w, readerOnly{c.TCPConn})
+	return false
 }
 
 // close stops the http.Server, closes every client connection including
@@ -175,10 +176,11 @@ func (f *httpFrontend) close() error {
 
 	_ = f.ln.Close()
 	err := f.srv.Close()
-	// http.Server does not know hijacked connections, so tunnels are closed
-	// here; goproxy's relay then closes the upstream side.
+	// http.Server does not know hijacked connections, so they are closed
+	// here. Tunnels that iapd relays end when the server closes their
+	// upstreams.
 	for _, c := range clients {
-		_ = c.conn.Close()
+		_ = c.raw.Close()
 		c.finish()
 	}
 	<-f.served
@@ -354,44 +356,15 @@ func (f *httpFrontend) dialConnect(r *http.Request, _, target string) (net.Conn,
 	}
 
 	client := clientFromContext(r.Context())
-	if client != nil {
-		client.tunnel.Store(true)
+	if client == nil {
+		// Without the client's state the tunnel cannot be handed over;
+		// goproxy relays it through the upstream's own methods.
+		return up, nil
 	}
-	return &tunnelConn{upstream: up, client: client}, nil
-}
-
-// tunnelConn is the upstream side of a CONNECT tunnel. goproxy closes it
-// last, after the client side, so its Close ends the client connection's
-// serveConn. The embedded *upstream supplies CloseRead, CloseWrite, ReadFrom
-// and WriteTo, which goproxy's relay needs to half-close and splice.
-type tunnelConn struct {
-	*upstream
-	client *servedConn // nil only when the request carried no client
-}
-
-var _ interface {
-	net.Conn
-	CloseRead() error
-	CloseWrite() error
-	io.ReaderFrom
-	io.WriterTo
-} = (*tunnelConn)(nil)
-
-// WriteTo copies from the target to w until the target ends, handing a
-// client's bare TCP socket to the upstream so that the kernel copies.
-func (c *tunnelConn) WriteTo(w io.Writer) (int64, error) {
-	if tc, ok := w.(*tcpClientConn); ok {
-		w = tc.TCPConn
-	}
-	return c.upstream.WriteTo(w)
-}
-
-func (c *tunnelConn) Close() error {
-	err := c.upstream.Close()
-	if c.client != nil {
-		c.client.finish()
-	}
-	return err
+	client.up = up
+	client.tunnel.Store(true)
+	client.conn.handOff()
+	return &handoffUpstream{upstream: up, released: client.release}, nil
 }
 
 // writeConnectError responds to a CONNECT whose dial failed. goproxy also

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"net"
 	"time"
 
 	"iapd/internal/logkey"
@@ -62,9 +63,9 @@ func (s *Server) closeIdle(now time.Time, timeout time.Duration) int {
 }
 
 // idleFor returns how long no byte has moved over u at now, as far as the
-// sweep can tell. The byte counts of a kernel copy advance only per chunk,
-// so on Linux the kernel's own record of the last data sent and received
-// (TCP_INFO, see tcp(7)) shortens the answer.
+// sweep can tell. The relay's byte counts advance only as bytes leave its
+// pipe, so on Linux the kernel's own record of the last data sent and
+// received (TCP_INFO, see tcp(7)) shortens the answer.
 func (u *upstream) idleFor(now time.Time) time.Duration {
 	total := u.up.Load() + u.down.Load()
 	if total != u.lastTotal.Load() {
@@ -72,8 +73,8 @@ func (u *upstream) idleFor(now time.Time) time.Duration {
 		u.lastActive.Store(now.UnixNano())
 	}
 	idle := now.Sub(time.Unix(0, u.lastActive.Load()))
-	if u.tcp != nil {
-		if k, ok := kernelIdle(u.tcp); ok && k < idle {
+	if tcp, isTCP := u.Conn.(*net.TCPConn); isTCP {
+		if k, ok := kernelIdle(tcp); ok && k < idle {
 			idle = k
 		}
 	}

@@ -24,7 +24,8 @@ const (
 // without consuming it, and hands the connection to that front end. SOCKS5
 // starts with its version 5. An HTTP request starts with a method, in
 // ASCII letters. SOCKS4 starts with 4 and is rejected in its own protocol.
-func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Frontend, web *httpFrontend) {
+// It reports whether a relay owns the connection when it returns.
+func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Frontend, web *httpFrontend) (relaying bool) {
 	logger := s.logger.With(logkey.Listener, l.Listen, logkey.Client, c.RemoteAddr().String())
 
 	c.SetDeadline(time.Now().Add(s.currentLimits().HandshakeTimeout))
@@ -32,21 +33,22 @@ func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Fronten
 	if err != nil {
 		logger.Debug("reading first byte failed", logkey.Err, err)
 		c.Close()
-		return
+		return false
 	}
 
 	switch {
 	case first == socks5Version, first == socks4Version:
 		// The SOCKS5 front end answers SOCKS4 in its own protocol.
-		socks.serveConn(c)
+		return socks.serveConn(c)
 	case 'A' <= first && first <= 'Z', 'a' <= first && first <= 'z':
 		// The HTTP front end sets its own deadlines.
 		c.SetDeadline(time.Time{})
-		web.serveConn(c)
+		return web.serveConn(c)
 	default:
 		logger.Debug("client rejected: unknown protocol", "first_byte", first)
 		c.Close()
 	}
+	return false
 }
 
 // rejectSOCKS4 answers a SOCKS4 or SOCKS4a client with the SOCKS4

@@ -98,7 +98,7 @@ type Server struct {
 	closed    bool                             // guarded by mu
 	draining  bool                             // guarded by mu; set by Shutdown, which stops all accepting
 	listeners map[net.Listener]*servedListener // guarded by mu
-	clients   map[net.Conn]struct{}            // guarded by mu; accepted connections still being served
+	clients   map[net.Conn]*servedListener     // guarded by mu; accepted connections still being served, and their listeners
 	frontends map[*frontend]struct{}           // guarded by mu; front ends not yet closed
 }
 
@@ -124,7 +124,7 @@ func NewServer(cfg Config) *Server {
 		auth:          newAuthThrottle(),
 		limitsChanged: make(chan struct{}, 1),
 		listeners:     make(map[net.Listener]*servedListener),
-		clients:       make(map[net.Conn]struct{}),
+		clients:       make(map[net.Conn]*servedListener),
 		frontends:     make(map[*frontend]struct{}),
 	}
 	s.SetLimits(policy.Limits{
@@ -234,18 +234,25 @@ func (s *Server) Serve(ln net.Listener, l *policy.Listener) error {
 			continue
 		}
 
-		if !s.addClient(c) {
+		if !s.addClient(c, sl) {
 			c.Close()
 			return nil
 		}
 		fe := sl.acquire()
 		sl.active.Add(1)
 		go func() {
-			defer sl.active.Add(-1)
-			defer s.removeClient(c)
-			defer fe.release()
+			// A relay that owns the connection counts it against the
+			// listener until the tunnel ends.
+			relaying := false
+			defer func() {
+				fe.release()
+				s.removeClient(c, !relaying)
+				if !relaying {
+					sl.active.Add(-1)
+				}
+			}()
 			defer s.recoverConn()
-			fe.serve(c)
+			relaying = fe.serve(c)
 		}()
 	}
 }
@@ -386,7 +393,7 @@ func (s *Server) newFrontend(l *policy.Listener) (*frontend, error) {
 		web := s.newHTTPFrontend(l)
 		socks := s.newSOCKS5Frontend(l)
 		fe.web = web
-		fe.serve = func(c net.Conn) { s.serveMixed(c, l, socks, web) }
+		fe.serve = func(c net.Conn) bool { return s.serveMixed(c, l, socks, web) }
 	default:
 		return nil, fmt.Errorf("serving %s: unknown protocol %d", l.Listen, l.Protocol)
 	}
@@ -451,9 +458,9 @@ func (sl *servedListener) acquire() *frontend {
 // the last of its connections has ended.
 type frontend struct {
 	l      *policy.Listener
-	serve  func(net.Conn)
-	web    *httpFrontend // the HTTP front end of http and mixed listeners; nil for socks5
-	onIdle func()        // called once when retired and idle
+	serve  func(net.Conn) bool // reports whether a relay owns the connection when it returns
+	web    *httpFrontend       // the HTTP front end of http and mixed listeners; nil for socks5
+	onIdle func()              // called once when retired and idle
 
 	mu      sync.Mutex
 	active  int  // guarded by mu; connections being served
@@ -582,21 +589,35 @@ func (s *Server) removeListener(ln net.Listener) {
 // addClient registers an accepted connection for Close and counts it in
 // s.conns, and reports false when the server is closed already. Doing both
 // under mu keeps conns.Add from racing with the Wait in Close.
-func (s *Server) addClient(c net.Conn) bool {
+func (s *Server) addClient(c net.Conn, sl *servedListener) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return false
 	}
-	s.clients[c] = struct{}{}
+	s.clients[c] = sl
 	s.conns.Add(1)
 	return true
 }
 
-// removeClient closes c, which its front end may have left open, and
-// removes it from the set that Close closes.
-func (s *Server) removeClient(c net.Conn) {
-	c.Close()
+// listenerOf returns the listener that accepted c, which a front end is
+// still serving, or nil.
+func (s *Server) listenerOf(c net.Conn) *servedListener {
+	if p, ok := c.(*peekedConn); ok {
+		c = p.Conn
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.clients[c]
+}
+
+// removeClient removes c from the set that Close closes once its front
+// end has returned. With closeConn, it also closes c, which the front end
+// may have left open; without, a relay owns c and ends it.
+func (s *Server) removeClient(c net.Conn, closeConn bool) {
+	if closeConn {
+		c.Close()
+	}
 	s.mu.Lock()
 	delete(s.clients, c)
 	s.mu.Unlock()

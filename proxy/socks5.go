@@ -34,27 +34,29 @@ func (s *Server) newSOCKS5Frontend(l *policy.Listener) *socks5Frontend {
 	}
 }
 
-// serveConn serves one client connection until its tunnel ends. A SOCKS4
-// or SOCKS4a client gets the SOCKS4 rejection instead of silence.
-func (f *socks5Frontend) serveConn(c net.Conn) {
+// serveConn serves one client connection until its tunnel is set up, and
+// reports whether a relay now owns the connection. A SOCKS4 or SOCKS4a
+// client gets the SOCKS4 rejection instead of silence.
+func (f *socks5Frontend) serveConn(c net.Conn) (relaying bool) {
 	c.SetDeadline(time.Now().Add(f.s.currentLimits().HandshakeTimeout))
 	first, c, err := peekByte(c)
 	if err != nil {
 		f.logger.Debug("reading first byte failed", logkey.Client, c.RemoteAddr().String(), logkey.Err, err)
-		return
+		return false
 	}
 	if first == socks4Version {
 		f.logger.Debug("client rejected: SOCKS4 is not supported", logkey.Client, c.RemoteAddr().String())
 		rejectSOCKS4(c)
-		return
+		return false
 	}
-	f.serveSOCKS5(c)
+	return f.serveSOCKS5(c)
 }
 
 // serveSOCKS5 serves one client connection whose first byte has been
-// checked, until its tunnel ends. The handshake deadline holds until the
-// upstream is dialled.
-func (f *socks5Frontend) serveSOCKS5(c net.Conn) {
+// checked, until its tunnel is set up, and reports whether a relay now
+// owns the connection. The handshake deadline holds until the upstream is
+// dialled.
+func (f *socks5Frontend) serveSOCKS5(c net.Conn) (relaying bool) {
 	c.SetDeadline(time.Now().Add(f.s.currentLimits().HandshakeTimeout))
 	sess := &socks5Session{f: f, client: newClientConn(c)}
 
@@ -69,16 +71,31 @@ func (f *socks5Frontend) serveSOCKS5(c net.Conn) {
 	})
 	if err != nil {
 		f.logger.Error("creating SOCKS5 server failed", logkey.Err, err, "unexpected", true)
-		return
+		return false
 	}
-	if err := lib.ServeConn(sess.client); err != nil {
-		f.logger.Debug("socks5 session ended", logkey.Client, c.RemoteAddr().String(), logkey.Err, err)
+	err = lib.ServeConn(sess.client)
+	if !sess.handedOff {
+		if err != nil && f.logger.Enabled(f.s.ctx, slog.LevelDebug) {
+			f.logger.Debug("socks5 session ended", logkey.Client, c.RemoteAddr().String(), logkey.Err, err)
+		}
+		// Allow may have dialled on a path that never reached the dial
+		// hook.
+		if sess.upstream != nil {
+			sess.upstream.Close()
+		}
+		return false
 	}
-	// The library closes the upstream it was handed; this covers any path
-	// on which it was not handed one after Allow dialled.
-	if sess.upstream != nil {
+	if err != nil {
+		// The dial succeeded, but the success reply or the client's
+		// buffered bytes could not be written.
+		if f.logger.Enabled(f.s.ctx, slog.LevelDebug) {
+			f.logger.Debug("socks5 tunnel failed to start", logkey.Client, c.RemoteAddr().String(), logkey.Err, err)
+		}
 		sess.upstream.Close()
+		return false
 	}
+	f.s.startRelay(c, sess.upstream)
+	return true
 }
 
 // authMethods returns the methods offered to a client. A listener with
@@ -104,8 +121,9 @@ type socks5Session struct {
 
 	// The rule set dials, because only its refusal gets the SOCKS5 reply
 	// "not allowed by ruleset". The dial hook hands on the result.
-	upstream *upstream // set by Allow when the dial succeeded
-	dialErr  error     // set by Allow when the dial failed
+	upstream  *upstream // set by Allow when the dial succeeded
+	dialErr   error     // set by Allow when the dial failed
+	handedOff bool      // dial handed upstream to the library, which then sends the success reply
 }
 
 // Valid reports whether the credentials identify an app on the listener,
@@ -194,7 +212,9 @@ func (sess *socks5Session) dial(context.Context, string, string) (net.Conn, erro
 	}
 	// The tunnel may stay idle for as long as its ends like.
 	sess.client.SetDeadline(time.Time{})
-	return sess.upstream, nil
+	sess.handedOff = true
+	sess.client.handOff()
+	return &handoffUpstream{upstream: sess.upstream}, nil
 }
 
 // deferredResolver leaves names to the dial: the library resolves before

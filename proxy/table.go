@@ -111,8 +111,7 @@ func (t *table) closeMatching(match func(*upstream) bool, closeTable bool, reaso
 // server is already closed, the returned upstream is closed too, so that
 // the caller's first read or write fails.
 func (s *Server) track(c net.Conn, app *policy.App, d *policy.Destination, l *policy.Listener, target string, ap *policy.AccessPoint, cl claim) *upstream {
-	tcp, _ := c.(*net.TCPConn)
-	u := &upstream{Conn: c, tcp: tcp, s: s, claim: cl}
+	u := &upstream{Conn: c, s: s, claim: cl}
 	u.lastActive.Store(time.Now().UnixNano())
 	u.info = ConnInfo{
 		Target:      target,

@@ -173,11 +173,7 @@ func TestSOCKS5HalfClose(t *testing.T) {
 
 	// Both of the proxy's sockets are closed once both directions ended.
 	waitFor(t, "the upstream to close", func() bool { return len(s.Conns()) == 0 })
-	waitFor(t, "the client connection to close", func() bool {
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		return len(s.clients) == 0
-	})
+	waitFor(t, "the client connection to close", func() bool { return servedClients(s) == 0 })
 }
 
 func TestServerCloseEndsTunnels(t *testing.T) {
@@ -357,7 +353,7 @@ func TestRelay(t *testing.T) {
 
 			kernel, user := relayCopies.Kernel.Load(), relayCopies.User.Load()
 			relayed := make(chan error, 1)
-			go func() { relayed <- relay(proxySide, up) }()
+			s.startRelayNotify(proxySide, up, func(err error) { relayed <- err })
 
 			client.Write([]byte("through relay"))
 			client.(*net.TCPConn).CloseWrite()

@@ -1,0 +1,212 @@
+package proxy
+
+import (
+	"errors"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// pipeSize is the capacity the relay asks for its pipes, and so the most
+// one splice(2) moves. 1 MiB is the default of /proc/sys/fs/pipe-max-size;
+// where the kernel refuses it, a pipe keeps its default of 64 KiB and
+// splices move less per call.
+const pipeSize = 1 << 20
+
+// maxIdlePipes bounds the pipes kept open between uses. Only a direction
+// that is moving bytes holds one, so this many cover every direction that
+// runs at the same moment on a small host; beyond it, pipes are closed
+// when they are returned.
+const maxIdlePipes = 32
+
+// relayPipe is a pipe(2) that carries bytes from one socket to another
+// inside the kernel. It is owned by one direction of one tunnel at a time.
+type relayPipe struct {
+	r, w int // read and write ends, both non-blocking
+}
+
+// pipePool keeps idle pipes for reuse. The zero value is ready to use and
+// it is safe for concurrent use.
+type pipePool struct {
+	mu   sync.Mutex
+	free []*relayPipe // guarded by mu
+	open atomic.Int64 // pipes open, idle or in use
+}
+
+var pipes pipePool
+
+// get returns an idle pipe, or a new one.
+func (pp *pipePool) get() (*relayPipe, error) {
+	pp.mu.Lock()
+	if n := len(pp.free); n > 0 {
+		p := pp.free[n-1]
+		pp.free = pp.free[:n-1]
+		pp.mu.Unlock()
+		return p, nil
+	}
+	pp.mu.Unlock()
+
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, os.NewSyscallError("pipe2", err)
+	}
+	// A smaller pipe works too, with more calls per byte.
+	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize)
+	pp.open.Add(1)
+	return &relayPipe{r: fds[0], w: fds[1]}, nil
+}
+
+// put returns an empty pipe for reuse, or closes it when enough are idle.
+func (pp *pipePool) put(p *relayPipe) {
+	pp.mu.Lock()
+	if len(pp.free) < maxIdlePipes {
+		pp.free = append(pp.free, p)
+		pp.mu.Unlock()
+		return
+	}
+	pp.mu.Unlock()
+	pp.discard(p)
+}
+
+// discard closes a pipe that still holds bytes or is not needed.
+func (pp *pipePool) discard(p *relayPipe) {
+	unix.Close(p.r)
+	unix.Close(p.w)
+	pp.open.Add(-1)
+}
+
+// spliceCopy copies from src to dst with splice(2) until src ends, adding
+// the bytes to count as they leave for dst. It reports handled false when
+// it stops with no byte lost and the caller should copy the rest through a
+// buffer: when the kernel cannot splice these sockets, or when no pipe can
+// be had (out of file descriptors).
+//
+// It waits for src to become readable without holding a pipe: the first
+// splice after a wake-up takes one from the pool, and a splice that finds
+// nothing to read returns it before the goroutine parks in the runtime's
+// poller. An idle tunnel therefore holds no pipe.
+func spliceCopy(dst, src *net.TCPConn, count *atomic.Int64) (handled bool, err error) {
+	srcRaw, err := src.SyscallConn()
+	if err != nil {
+		return false, nil
+	}
+	dstRaw, err := dst.SyscallConn()
+	if err != nil {
+		return false, nil
+	}
+
+	var s spliceState
+	s.count = count
+	defer s.release()
+	fill, drain := s.fill, s.drain // one allocation each for the whole copy
+	for {
+		if err := srcRaw.Read(fill); err != nil {
+			return true, err
+		}
+		if s.err != nil {
+			// EINVAL before any byte moved means that splice does not
+			// work on these sockets; nothing was consumed.
+			if s.noPipe || errors.Is(s.err, syscall.EINVAL) && !s.moved {
+				return false, nil
+			}
+			return true, s.err
+		}
+		if s.inPipe == 0 {
+			return true, nil // end of stream
+		}
+		s.moved = true
+
+		if err := dstRaw.Write(drain); err != nil {
+			return true, err
+		}
+		if s.err != nil {
+			return true, s.err
+		}
+	}
+}
+
+// spliceState is one direction's progress, shared by the callbacks that
+// run under the sockets' read and write locks.
+type spliceState struct {
+	pipe   *relayPipe // held while bytes move; nil while waiting for data
+	inPipe int        // bytes spliced into pipe and not yet out of it
+	count  *atomic.Int64
+	err    error // error of the last splice or pipe creation
+	noPipe bool  // err is from creating a pipe
+	moved  bool  // some bytes have been copied
+}
+
+// fill splices what src has received into the pipe. It returns false,
+// which parks the goroutine until src is readable, when there is nothing
+// to read; it then hands the pipe back first.
+func (s *spliceState) fill(fd uintptr) bool {
+	if s.pipe == nil {
+		p, err := pipes.get()
+		if err != nil {
+			s.err, s.noPipe = err, true
+			return true
+		}
+		s.pipe = p
+	}
+	for {
+		n, err := unix.Splice(int(fd), nil, s.pipe.w, nil, pipeSize, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			pipes.put(s.pipe)
+			s.pipe = nil
+			return false
+		case err != nil:
+			s.err = os.NewSyscallError("splice", err)
+			return true
+		}
+		s.inPipe = int(n)
+		return true
+	}
+}
+
+// drain splices the pipe's bytes out to dst. It returns false, which
+// parks the goroutine until dst is writable, when dst's send buffer is
+// full.
+func (s *spliceState) drain(fd uintptr) bool {
+	for s.inPipe > 0 {
+		n, err := unix.Splice(s.pipe.r, nil, int(fd), nil, s.inPipe, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+		if n > 0 {
+			s.inPipe -= int(n)
+			s.count.Add(n)
+			continue
+		}
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return false
+		case err != nil:
+			s.err = os.NewSyscallError("splice", err)
+		default:
+			// The pipe held bytes, so zero without an error cannot
+			// happen; stop rather than spin.
+			s.err = os.NewSyscallError("splice", syscall.EIO)
+		}
+		return true
+	}
+	return true
+}
+
+// release returns the pipe, or closes it when bytes are left in it.
+func (s *spliceState) release() {
+	if s.pipe == nil {
+		return
+	}
+	if s.inPipe > 0 {
+		pipes.discard(s.pipe)
+	} else {
+		pipes.put(s.pipe)
+	}
+	s.pipe = nil
+}
