@@ -452,11 +452,12 @@ func splitTarget(target string) (host string, port uint16, err error) {
 }
 
 // shareDeadline returns ctx limited to an even share of its time left among
-// left attempts, and at least minAttemptTime of it.
+// left attempts, and at least minAttemptTime of it. The last attempt gets
+// ctx itself, with a cancel function that does nothing.
 func shareDeadline(ctx context.Context, left int) (context.Context, context.CancelFunc) {
 	deadline, ok := ctx.Deadline()
 	if !ok || left <= 1 {
-		return context.WithCancel(ctx)
+		return ctx, func() {}
 	}
 	remaining := time.Until(deadline)
 	share := remaining / time.Duration(left)

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"io"
+	"log/slog"
 	"net"
 	"time"
 
@@ -26,12 +27,16 @@ const (
 // ASCII letters. SOCKS4 starts with 4 and is rejected in its own protocol.
 // It reports whether a relay owns the connection when it returns.
 func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Frontend, web *httpFrontend) (relaying bool) {
-	logger := s.logger.With(logkey.Listener, l.Listen, logkey.Client, c.RemoteAddr().String())
-
 	c.SetDeadline(time.Now().Add(s.currentLimits().HandshakeTimeout))
 	first, c, err := peekByte(c)
+
+	// The logger is built only for a connection that is rejected, because
+	// its attributes cost allocations on every connection.
+	logger := func() *slog.Logger {
+		return s.logger.With(logkey.Listener, l.Listen, logkey.Client, c.RemoteAddr().String())
+	}
 	if err != nil {
-		logger.Debug("reading first byte failed", logkey.Err, err)
+		logger().Debug("reading first byte failed", logkey.Err, err)
 		c.Close()
 		return false
 	}
@@ -45,7 +50,7 @@ func (s *Server) serveMixed(c net.Conn, l *policy.Listener, socks *socks5Fronten
 		c.SetDeadline(time.Time{})
 		return web.serveConn(c)
 	default:
-		logger.Debug("client rejected: unknown protocol", "first_byte", first)
+		logger().Debug("client rejected: unknown protocol", "first_byte", first)
 		c.Close()
 	}
 	return false

@@ -68,7 +68,7 @@ func (t *tunnel) copyUp() {
 	var err error
 	defer func() { t.finish(err) }()
 	defer t.s.recoverCopy(&err)
-	err = relayDirection(t.up.Conn, t.client, &t.up.up)
+	err = t.relayDirection(t.up.Conn, t.client, &t.up.up)
 }
 
 // copyDown copies from the target to the client.
@@ -76,7 +76,7 @@ func (t *tunnel) copyDown() {
 	var err error
 	defer func() { t.finish(err) }()
 	defer t.s.recoverCopy(&err)
-	err = relayDirection(t.client, t.up.Conn, &t.up.down)
+	err = t.relayDirection(t.client, t.up.Conn, &t.up.down)
 }
 
 // finish records the end of one direction and, after the last, closes the
@@ -109,7 +109,7 @@ func (t *tunnel) finish(err error) {
 // to count as they are written, and then half-closes dst. Two TCP sockets
 // are copied by the kernel where the system can; other connections
 // through a buffer.
-func relayDirection(dst, src net.Conn, count *atomic.Int64) error {
+func (t *tunnel) relayDirection(dst, src net.Conn, count *atomic.Int64) error {
 	dstTCP, dstOK := dst.(*net.TCPConn)
 	srcTCP, srcOK := src.(*net.TCPConn)
 	var err error
@@ -127,6 +127,13 @@ func relayDirection(dst, src net.Conn, count *atomic.Int64) error {
 	}
 	if err != nil {
 		return err
+	}
+
+	// When the other direction has ended already, finish closes both
+	// connections at once, and close(2) sends the FIN that the half-close
+	// would: one system call fewer on every connection that ends cleanly.
+	if t.running.Load() == 1 {
+		return nil
 	}
 	return closeWrite(dst)
 }

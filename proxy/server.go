@@ -82,11 +82,12 @@ type Server struct {
 	ctx    context.Context // cancelled by Close, which stops dials in progress
 	cancel context.CancelFunc
 
-	table  table
-	conns  sync.WaitGroup // one per accepted connection until its front end returns
-	sweeps sync.WaitGroup // the idle sweep, until ctx ends
-	auth   *authThrottle
-	stats  stats
+	table   table
+	conns   sync.WaitGroup // one per accepted connection until its front end returns, and one per relay
+	sweeps  sync.WaitGroup // the idle sweep, until ctx ends
+	workers workerPool
+	auth    *authThrottle
+	stats   stats
 
 	// limits holds the timeouts and sizes of Config, which SetLimits
 	// replaces when the policy is reloaded; limitsChanged then wakes the
@@ -238,22 +239,8 @@ func (s *Server) Serve(ln net.Listener, l *policy.Listener) error {
 			c.Close()
 			return nil
 		}
-		fe := sl.acquire()
 		sl.active.Add(1)
-		go func() {
-			// A relay that owns the connection counts it against the
-			// listener until the tunnel ends.
-			relaying := false
-			defer func() {
-				fe.release()
-				s.removeClient(c, !relaying)
-				if !relaying {
-					sl.active.Add(-1)
-				}
-			}()
-			defer s.recoverConn()
-			relaying = fe.serve(c)
-		}()
+		s.dispatch(handshake{conn: c, fe: sl.acquire(), listener: sl})
 	}
 }
 
@@ -558,6 +545,7 @@ func (s *Server) Close() error {
 
 	s.conns.Wait()
 	s.sweeps.Wait()
+	s.workers.wg.Wait()
 	return errors.Join(errs...)
 }
 

@@ -116,7 +116,7 @@ func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (_
 	// Every socket is opened before any is served, so that a busy port
 	// stops the start instead of leaving a half-running daemon.
 	for _, l := range pol.Listeners {
-		ln, err := net.Listen("tcp", l.Listen)
+		ln, err := proxy.Listen(context.Background(), l.Listen)
 		if err != nil {
 			return nil, fmt.Errorf("opening listener %s: %w", l.Listen, err)
 		}

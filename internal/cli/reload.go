@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"iapd/internal/event"
 	"iapd/internal/logkey"
 	"iapd/policy"
+	"iapd/proxy"
 )
 
 // reloadLocked loads the policy file and applies it in two phases. The
@@ -121,7 +123,7 @@ func planListeners(open []*openListener, p *policy.Policy) *listenerPlan {
 // still open, so such a change is rejected and needs a restart.
 func (plan *listenerPlan) open() error {
 	for _, ol := range plan.added {
-		ln, err := net.Listen("tcp", ol.l.Listen)
+		ln, err := proxy.Listen(context.Background(), ol.l.Listen)
 		if err != nil {
 			plan.abort()
 			return fmt.Errorf("opening listener %s: %w", ol.l.Listen, err)

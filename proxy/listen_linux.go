@@ -1,0 +1,36 @@
+package proxy
+
+import (
+	"net"
+	"os"
+	"syscall"
+)
+
+// listenConfig sets keep-alive on the listening socket, which accepted
+// sockets inherit on Linux, and tells Go not to set it again on each.
+func listenConfig() *net.ListenConfig {
+	return &net.ListenConfig{
+		KeepAlive: -1,
+		Control: func(_, _ string, c syscall.RawConn) error {
+			var opErr error
+			err := c.Control(func(fd uintptr) {
+				opts := []struct{ level, name, value int }{
+					{syscall.SOL_SOCKET, syscall.SO_KEEPALIVE, 1},
+					{syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE, int(keepAliveIdle.Seconds())},
+					{syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL, int(keepAliveInterval.Seconds())},
+					{syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT, keepAliveCount},
+				}
+				for _, o := range opts {
+					if err := syscall.SetsockoptInt(int(fd), o.level, o.name, o.value); err != nil {
+						opErr = os.NewSyscallError("setsockopt", err)
+						return
+					}
+				}
+			})
+			if err != nil {
+				return err
+			}
+			return opErr
+		},
+	}
+}
