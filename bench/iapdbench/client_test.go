@@ -6,6 +6,7 @@ import (
 	"log"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -77,12 +78,25 @@ func startCONNECTProxy(t *testing.T, reply string) netip.AddrPort {
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
 
-func TestClientDialEchoes(t *testing.T) {
-	s, err := newSinks()
+// startTestSinks runs the sinks in this process and returns an
+// environment with them, for measures that need no DNS server.
+func startTestSinks(t *testing.T, mode string) *environment {
+	t.Helper()
+	ends, err := newDataEnds(mode)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(s.close)
+	t.Cleanup(ends.close)
+	srv, err := startSinkServer(ends)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.close)
+	return &environment{sinks: srv.addrs(), sinkPID: os.Getpid(), ends: ends}
+}
+
+func TestClientDialEchoes(t *testing.T) {
+	s := startTestSinks(t, endsCopy).sinks
 
 	tests := []struct {
 		name  string
@@ -109,11 +123,7 @@ func TestClientDialEchoes(t *testing.T) {
 }
 
 func TestClientDialErrors(t *testing.T) {
-	s, err := newSinks()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.close)
+	s := startTestSinks(t, endsCopy).sinks
 
 	wrongPassword := proxyModes()[1]
 	wrongPassword.password = "wrong"
@@ -178,26 +188,26 @@ func TestReadSOCKS5Reply(t *testing.T) {
 }
 
 func TestRunBulkDirect(t *testing.T) {
-	s, err := newSinks()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.close)
-
 	const total = 3*payloadSize + 12345 // several passes over the payload, uneven split
 	tests := []struct {
 		name    string
+		ends    string
 		dir     direction
 		streams int
 	}{
-		{name: "upload one stream", dir: upload, streams: 1},
-		{name: "upload three streams", dir: upload, streams: 3},
-		{name: "download one stream", dir: download, streams: 1},
-		{name: "download three streams", dir: download, streams: 3},
+		{name: "copy upload one stream", ends: endsCopy, dir: upload, streams: 1},
+		{name: "copy upload three streams", ends: endsCopy, dir: upload, streams: 3},
+		{name: "copy download one stream", ends: endsCopy, dir: download, streams: 1},
+		{name: "copy download three streams", ends: endsCopy, dir: download, streams: 3},
+		{name: "zerocopy upload one stream", ends: endsZeroCopy, dir: upload, streams: 1},
+		{name: "zerocopy upload three streams", ends: endsZeroCopy, dir: upload, streams: 3},
+		{name: "zerocopy download one stream", ends: endsZeroCopy, dir: download, streams: 1},
+		{name: "zerocopy download three streams", ends: endsZeroCopy, dir: download, streams: 3},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			rate, err := runBulk(context.Background(), client{mode: directMode()}, s, tt.dir, tt.streams, total)
+			env := startTestSinks(t, tt.ends)
+			rate, err := runBulk(context.Background(), client{mode: directMode()}, env, tt.dir, tt.streams, total)
 			if err != nil {
 				t.Fatalf("runBulk: %v", err)
 			}
@@ -209,11 +219,7 @@ func TestRunBulkDirect(t *testing.T) {
 }
 
 func TestRunSetupDirect(t *testing.T) {
-	s, err := newSinks()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.close)
+	s := startTestSinks(t, endsCopy).sinks
 
 	sr := runSetup(context.Background(), client{mode: directMode()}, s, 4, 200*time.Millisecond)
 	if sr.errors != 0 {
@@ -228,11 +234,7 @@ func TestRunSetupDirect(t *testing.T) {
 }
 
 func TestOpenTunnelsDirect(t *testing.T) {
-	s, err := newSinks()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.close)
+	s := startTestSinks(t, endsCopy).sinks
 
 	conns, err := openTunnels(context.Background(), client{mode: directMode()}, s, 30, 4, nil)
 	if err == nil {

@@ -26,6 +26,11 @@ import (
 const fakeIapdEnv = "IAPDBENCH_FAKE_IAPD"
 
 func TestMain(m *testing.M) {
+	// The sink process inherits the environment, which may also ask for
+	// the fake iapd, so the sinks go first.
+	if mode := os.Getenv(sinkChildEnv); mode != "" {
+		os.Exit(runSinkChild(mode))
+	}
 	if os.Getenv(fakeIapdEnv) == "1" {
 		os.Exit(runFakeIapd(os.Args[1:]))
 	}
@@ -134,7 +139,8 @@ func TestRunBenchmarkWithFakeIapd(t *testing.T) {
 	}
 	for _, want := range []string{
 		"upload, 2 streams", "download, 1 stream", "setup latency p99", "iapd CPU",
-		"RSS per tunnel", "goroutines per tunnel", "distinct names",
+		"RSS per tunnel", "goroutines per tunnel", "distinct names", "client CPU", "sink CPU",
+		"upload, 4 streams", "tunnels open",
 	} {
 		if !strings.Contains(stdout.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, stdout.String())

@@ -32,7 +32,7 @@ func TestIsReadyRecord(t *testing.T) {
 // TestStartIapdFailure checks that a daemon that dies at start is reported
 // with its output.
 func TestStartIapdFailure(t *testing.T) {
-	env, err := newEnvironment()
+	env, err := newEnvironment(endsCopy)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +92,7 @@ func TestProcReaders(t *testing.T) {
 	if n, err := processThreads(pid); err != nil || n < 1 {
 		t.Errorf("processThreads = %d, %v; want at least 1", n, err)
 	}
-	if _, err := processCPU(-1); err == nil || !strings.Contains(err.Error(), "reading CPU time of iapd") {
+	if _, err := processCPU(-1); err == nil || !strings.Contains(err.Error(), "reading CPU time of process -1") {
 		t.Errorf("processCPU(-1) error = %v, want a read error", err)
 	}
 }

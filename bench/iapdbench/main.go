@@ -26,6 +26,7 @@ type options struct {
 	outDir   string
 	repeat   int
 	quick    bool
+	ends     string // endsCopy or endsZeroCopy
 
 	directOnly bool
 	phases     []string // subset of allPhases, in the order given by allPhases
@@ -43,7 +44,7 @@ type options struct {
 	profileMode     string
 }
 
-var allPhases = []string{"dns", "bulk", "setup", "memory"}
+var allPhases = []string{"dns", "bulk", "setup", "memory", "scale"}
 
 // quickSizes are applied by -quick to every size and duration flag that
 // the command line does not set itself.
@@ -56,6 +57,9 @@ var quickSizes = map[string]string{
 }
 
 func main() {
+	if mode := os.Getenv(sinkChildEnv); mode != "" {
+		os.Exit(runSinkChild(mode))
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
@@ -97,6 +101,7 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&opts.outDir, "out", "bench/out", "`directory` for results.json and results.txt")
 	fs.IntVar(&opts.repeat, "repeat", 3, "`runs` of each measure; the table shows their median")
 	fs.BoolVar(&opts.quick, "quick", false, "use small sizes and short durations (about 30 s in all) for flags not set explicitly")
+	fs.StringVar(&opts.ends, "ends", endsCopy, "how clients and sinks move bulk data: "+endsCopy+" (read(2) and write(2) with 128 KiB buffers) or "+endsZeroCopy+" (sendfile(2) and splice(2))")
 	fs.BoolVar(&opts.directOnly, "direct-only", false, "measure only direct connections and the resolver; iapd is not started")
 	phases := fs.String("phases", strings.Join(allPhases, ","), "comma-separated `list` of measures to run: "+strings.Join(allPhases, ", "))
 
@@ -182,6 +187,9 @@ func validateOptions(o *options) error {
 			return fmt.Errorf("invalid -%s: must be above zero", p.name)
 		}
 	}
+	if o.ends != endsCopy && o.ends != endsZeroCopy {
+		return fmt.Errorf("invalid -ends %q: use %s or %s", o.ends, endsCopy, endsZeroCopy)
+	}
 	if _, err := modeByName(o.profileMode); err != nil {
 		return fmt.Errorf("invalid -profile-mode: %w", err)
 	}
@@ -205,23 +213,23 @@ func runBenchmark(ctx context.Context, opts *options, stdout, stderr io.Writer) 
 	if err := os.MkdirAll(opts.outDir, 0o755); err != nil {
 		return fmt.Errorf("creating output directory: %w", err)
 	}
-	tunnels, limitNote, err := raiseFileLimit(opts.tunnels)
+	limitNote, err := raiseFileLimit(opts.tunnels)
 	if err != nil {
 		return err
 	}
-	if limitNote != "" && opts.hasPhase("memory") && !opts.directOnly {
+	needsTunnels := (opts.hasPhase("memory") || opts.hasPhase("scale")) && !opts.directOnly
+	if limitNote != "" && needsTunnels {
 		progress("%s", limitNote)
-		opts.tunnels = min(opts.tunnels, tunnels)
 	}
 
-	env, err := newEnvironment()
+	env, err := newEnvironment(opts.ends)
 	if err != nil {
 		return err
 	}
 	defer env.close()
 
 	res := newResults(opts)
-	if limitNote != "" && opts.hasPhase("memory") && !opts.directOnly {
+	if limitNote != "" && needsTunnels {
 		res.note("%s", limitNote)
 	}
 	modes := []mode{directMode()}
@@ -271,6 +279,12 @@ func runBenchmark(ctx context.Context, opts *options, stdout, stderr io.Writer) 
 			return err
 		}
 	}
+	if opts.hasPhase("scale") && !opts.directOnly {
+		progress("scale: up to %d idle tunnels, then 1 to %d streams, a fresh iapd per run", opts.tunnels, scaleStreams[len(scaleStreams)-1])
+		if err := measureScale(ctx, opts, env, res, progress); err != nil {
+			return err
+		}
+	}
 
 	res.Meta.Seconds = time.Since(started).Seconds()
 	table := res.table()
@@ -282,20 +296,22 @@ func runBenchmark(ctx context.Context, opts *options, stdout, stderr io.Writer) 
 	return nil
 }
 
-// fileMargin is the number of descriptors kept free beside the tunnels:
-// listeners, the payload file, pipes for splice and iapd's own files.
+// fileMargin is the number of descriptors asked for beside the tunnels:
+// listeners, pipes for splice and each process's own files.
 const fileMargin = 1024
 
-// raiseFileLimit lets this process and the iapd it starts (which inherits
-// the limit) hold every tunnel of the memory measure: each tunnel takes a
-// client and a sink descriptor here and two in iapd. When the hard limit
-// cannot be raised (no CAP_SYS_RESOURCE), it returns the number of tunnels
-// that fit under it and a note that explains the cut.
-func raiseFileLimit(tunnels int) (int, string, error) {
+// raiseFileLimit lets this process, and the sink process and iapd that
+// inherit its limit, hold every tunnel of the memory and scale measures:
+// each tunnel takes a client descriptor here, a sink descriptor in the
+// sink process and at least two in iapd. When the hard limit cannot be
+// raised (no CAP_SYS_RESOURCE), it raises the soft limit to the hard one
+// and returns a note; the measures then open as many tunnels as fit (see
+// fitTunnels).
+func raiseFileLimit(tunnels int) (string, error) {
 	need := uint64(2*tunnels + fileMargin)
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		return 0, "", fmt.Errorf("reading RLIMIT_NOFILE: %w", os.NewSyscallError("getrlimit", err))
+		return "", fmt.Errorf("reading RLIMIT_NOFILE: %w", os.NewSyscallError("getrlimit", err))
 	}
 
 	// Setrlimit is called even when the limit suffices, so that children
@@ -303,18 +319,13 @@ func raiseFileLimit(tunnels int) (int, string, error) {
 	want := syscall.Rlimit{Cur: max(need, lim.Cur), Max: max(need, lim.Max)}
 	err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want)
 	if err == nil {
-		return tunnels, "", nil
+		return "", nil
 	}
 
 	want = syscall.Rlimit{Cur: lim.Max, Max: lim.Max}
 	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want); err != nil {
-		return 0, "", fmt.Errorf("raising RLIMIT_NOFILE to its hard limit %d: %w", lim.Max, os.NewSyscallError("setrlimit", err))
+		return "", fmt.Errorf("raising RLIMIT_NOFILE to its hard limit %d: %w", lim.Max, os.NewSyscallError("setrlimit", err))
 	}
-	fit := (int(lim.Max) - fileMargin) / 2
-	if fit < 1 {
-		return 0, "", fmt.Errorf("RLIMIT_NOFILE hard limit %d leaves no room for tunnels: %w", lim.Max, os.NewSyscallError("setrlimit", err))
-	}
-	note := fmt.Sprintf("tunnels lowered from %d to %d: RLIMIT_NOFILE hard limit is %d and raising it failed (%v; it needs CAP_SYS_RESOURCE)",
-		tunnels, fit, lim.Max, os.NewSyscallError("setrlimit", err))
-	return fit, note, nil
+	return fmt.Sprintf("RLIMIT_NOFILE hard limit is %d and raising it to %d for %d tunnels failed (%v; it needs CAP_SYS_RESOURCE)",
+		lim.Max, need, tunnels, os.NewSyscallError("setrlimit", err)), nil
 }

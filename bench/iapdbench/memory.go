@@ -35,54 +35,63 @@ const iapdFileMargin = 256
 // memory measure learns how many file descriptors iapd spends on one.
 const probeTunnels = 100
 
-// measureMemory starts a fresh iapd for each repeat, so that no run measures
-// heap left over from an earlier one, and reads its memory before and
-// with opts.tunnels idle SOCKS5 tunnels open.
+// memoryModes are the proxy modes whose idle tunnels the memory measure
+// counts: one per front end.
+var memoryModes = []string{"socks5", "http"}
+
+// measureMemory starts a fresh iapd for each repeat and mode, so that no
+// run measures heap left over from an earlier one, and reads its memory
+// before and with opts.tunnels idle tunnels open.
 func measureMemory(ctx context.Context, opts *options, env *environment, res *results, progress func(string, ...any)) error {
-	const col = "socks5"
 	noGoroutines := false
 	notes := map[string]bool{}
 	for r := range opts.repeat {
-		d, err := startIapd(ctx, opts.iapdPath, env, true)
-		if err != nil {
-			return err
-		}
-		s, err := runMemory(ctx, d, env, opts.tunnels, opts.setupWorkers)
-		if err != nil {
-			err = withIapdState(fmt.Errorf("memory run %d: %w", r+1, err), d)
-		}
-		if stopErr := d.stop(); err == nil {
-			err = stopErr
-		}
-		if err != nil {
-			return err
-		}
-		if s.note != "" && !notes[s.note] {
-			notes[s.note] = true
-			progress("%s", s.note)
-			res.note("%s", s.note)
-		}
+		for _, col := range memoryModes {
+			m, err := modeByName(col)
+			if err != nil {
+				return err
+			}
+			d, err := startIapd(ctx, opts.iapdPath, env, true)
+			if err != nil {
+				return err
+			}
+			s, err := runMemory(ctx, d, env, m, opts.tunnels, opts.setupWorkers)
+			if err != nil {
+				err = withIapdState(fmt.Errorf("memory run %d, %s: %w", r+1, col, err), d)
+			}
+			if stopErr := d.stop(); err == nil {
+				err = stopErr
+			}
+			if err != nil {
+				return err
+			}
+			if s.note != "" && !notes[s.note] {
+				notes[s.note] = true
+				progress("%s", s.note)
+				res.note("%s", s.note)
+			}
 
-		n := float64(s.tunnels)
-		res.add(sectionMemory, "tunnels open", col, "", n)
-		res.add(sectionMemory, "RSS idle", col, "KiB", float64(s.before.RSS))
-		res.add(sectionMemory, "RSS with tunnels", col, "KiB", float64(s.with.RSS))
-		res.add(sectionMemory, "RSS per tunnel", col, "KiB", float64(s.with.RSS-s.before.RSS)/n)
-		res.add(sectionMemory, "PSS idle", col, "KiB", float64(s.before.PSS))
-		res.add(sectionMemory, "PSS with tunnels", col, "KiB", float64(s.with.PSS))
-		res.add(sectionMemory, "PSS per tunnel", col, "KiB", float64(s.with.PSS-s.before.PSS)/n)
-		res.add(sectionMemory, "file descriptors per tunnel", col, "", float64(s.filesWith-s.filesBefore)/n)
-		res.add(sectionMemory, "threads with tunnels", col, "", float64(s.threads))
-		if s.goroutinesWith >= 0 {
-			res.add(sectionMemory, "goroutines idle", col, "", float64(s.goroutinesBefore))
-			res.add(sectionMemory, "goroutines with tunnels", col, "", float64(s.goroutinesWith))
-			res.add(sectionMemory, "goroutines per tunnel", col, "", float64(s.goroutinesWith-s.goroutinesBefore)/n)
-		} else {
-			res.figure(sectionMemory, "goroutines per tunnel", col, "")
-			noGoroutines = true
+			n := float64(s.tunnels)
+			res.add(sectionMemory, "tunnels open", col, "", n)
+			res.add(sectionMemory, "RSS idle", col, "KiB", float64(s.before.RSS))
+			res.add(sectionMemory, "RSS with tunnels", col, "KiB", float64(s.with.RSS))
+			res.add(sectionMemory, "RSS per tunnel", col, "KiB", float64(s.with.RSS-s.before.RSS)/n)
+			res.add(sectionMemory, "PSS idle", col, "KiB", float64(s.before.PSS))
+			res.add(sectionMemory, "PSS with tunnels", col, "KiB", float64(s.with.PSS))
+			res.add(sectionMemory, "PSS per tunnel", col, "KiB", float64(s.with.PSS-s.before.PSS)/n)
+			res.add(sectionMemory, "file descriptors per tunnel", col, "", float64(s.filesWith-s.filesBefore)/n)
+			res.add(sectionMemory, "threads with tunnels", col, "", float64(s.threads))
+			if s.goroutinesWith >= 0 {
+				res.add(sectionMemory, "goroutines idle", col, "", float64(s.goroutinesBefore))
+				res.add(sectionMemory, "goroutines with tunnels", col, "", float64(s.goroutinesWith))
+				res.add(sectionMemory, "goroutines per tunnel", col, "", float64(s.goroutinesWith-s.goroutinesBefore)/n)
+			} else {
+				res.figure(sectionMemory, "goroutines per tunnel", col, "")
+				noGoroutines = true
+			}
+			progress("memory run %d/%d %s: %d tunnels, RSS %d -> %d KiB, %.1f KiB per tunnel",
+				r+1, opts.repeat, col, s.tunnels, s.before.RSS, s.with.RSS, float64(s.with.RSS-s.before.RSS)/n)
 		}
-		progress("memory run %d/%d: %d tunnels, RSS %d -> %d KiB, %.1f KiB per tunnel",
-			r+1, opts.repeat, s.tunnels, s.before.RSS, s.with.RSS, float64(s.with.RSS-s.before.RSS)/n)
 	}
 	if noGoroutines {
 		res.note("goroutines: n/a, because iapd did not serve net/http/pprof at %s (a thread count is not a goroutine count)", pprofEnv)
@@ -90,7 +99,7 @@ func measureMemory(ctx context.Context, opts *options, env *environment, res *re
 	return nil
 }
 
-func runMemory(ctx context.Context, d *iapd, env *environment, tunnels, workers int) (memorySample, error) {
+func runMemory(ctx context.Context, d *iapd, env *environment, m mode, tunnels, workers int) (memorySample, error) {
 	s := memorySample{tunnels: tunnels}
 	time.Sleep(settleTime)
 	var err error
@@ -102,7 +111,7 @@ func runMemory(ctx context.Context, d *iapd, env *environment, tunnels, workers 
 	}
 	s.goroutinesBefore = goroutineCount(d)
 
-	c := clientFor(mode{Name: "socks5", kind: kindSOCKS5}, d)
+	c := clientFor(m, d)
 	var conns []*net.TCPConn
 	defer func() {
 		for _, conn := range conns {
@@ -170,7 +179,7 @@ func fitTunnels(pid, want, probe, filesBefore int) (int, string, error) {
 // openTunnels opens n more tunnels to the echo sinks and checks each with
 // one echoed byte, so that every tunnel is relaying end to end when it is
 // counted. It returns conns with the new tunnels appended, also on error.
-func openTunnels(ctx context.Context, c client, s *sinks, n, workers int, conns []*net.TCPConn) ([]*net.TCPConn, error) {
+func openTunnels(ctx context.Context, c client, s *sinkAddrs, n, workers int, conns []*net.TCPConn) ([]*net.TCPConn, error) {
 	var (
 		mu       sync.Mutex // protects conns and firstErr
 		firstErr error

@@ -22,7 +22,7 @@ const userHZ = 100
 func processCPU(pid int) (time.Duration, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, fmt.Errorf("reading CPU time of iapd: %w", err)
+		return 0, fmt.Errorf("reading CPU time of process %d: %w", pid, err)
 	}
 	// The command name in parentheses may hold spaces; fields are counted
 	// after its closing parenthesis, where field 3 (state) starts.
@@ -46,8 +46,8 @@ func processCPU(pid int) (time.Duration, error) {
 	return time.Duration(ticks) * time.Second / userHZ, nil
 }
 
-// selfCPU returns the user plus system CPU time of this process: the
-// clients and the sinks together.
+// selfCPU returns the user plus system CPU time of this process, which
+// runs the clients.
 func selfCPU() (time.Duration, error) {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {

@@ -22,7 +22,7 @@ func runProfile(ctx context.Context, opts *options, stderr io.Writer) error {
 	if err := os.MkdirAll(opts.profileDir, 0o755); err != nil {
 		return fmt.Errorf("creating profile directory: %w", err)
 	}
-	env, err := newEnvironment()
+	env, err := newEnvironment(opts.ends)
 	if err != nil {
 		return err
 	}
@@ -46,7 +46,7 @@ func runProfile(ctx context.Context, opts *options, stderr io.Writer) error {
 		{"bulk", func() error {
 			for _, dir := range []direction{upload, download} {
 				for _, streams := range []int{1, opts.streams} {
-					if _, err := runBulk(ctx, c, env.sinks, dir, streams, total); err != nil {
+					if _, err := runBulk(ctx, c, env, dir, streams, total); err != nil {
 						return fmt.Errorf("bulk %s with %d streams: %w", dir, streams, err)
 					}
 				}

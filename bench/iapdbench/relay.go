@@ -33,14 +33,15 @@ func (d direction) String() string {
 
 // measureBulk runs, for every repeat and mode, the four bulk transfers
 // (each direction with one stream and with opts.streams streams) and the
-// CPU time that iapd and this process spent on them. Modes take turns
-// within a repeat, so that a slow drift of the machine spreads over all.
+// CPU time that iapd, the clients and the sinks spent on them. Modes take
+// turns within a repeat, so that a slow drift of the machine spreads over
+// all.
 func measureBulk(ctx context.Context, opts *options, env *environment, d *iapd, modes []mode, res *results, progress func(string, ...any)) error {
 	total := int64(opts.bulkMiB) << 20
 	for r := range opts.repeat {
 		for _, m := range modes {
 			c := clientFor(m, d)
-			cpu, err := startCPUMeter(d, m)
+			cpu, err := startCPUMeter(d, m, env.sinkPID)
 			if err != nil {
 				return err
 			}
@@ -48,7 +49,7 @@ func measureBulk(ctx context.Context, opts *options, env *environment, d *iapd, 
 			var moved int64
 			for _, dir := range []direction{upload, download} {
 				for _, streams := range []int{1, opts.streams} {
-					rate, err := runBulk(ctx, c, env.sinks, dir, streams, total)
+					rate, err := runBulk(ctx, c, env, dir, streams, total)
 					if err != nil {
 						return withIapdState(fmt.Errorf("bulk %s, %s with %d streams: %w", m.Name, dir, streams, err), d)
 					}
@@ -57,23 +58,21 @@ func measureBulk(ctx context.Context, opts *options, env *environment, d *iapd, 
 				}
 			}
 
-			iapdCPU, selfCPU, err := cpu.stop()
+			used, err := cpu.stop()
 			if err != nil {
 				return err
 			}
-			gigabytes := float64(moved) / 1e9
-			var sum time.Duration
+			perGB := func(t time.Duration) float64 { return t.Seconds() / (float64(moved) / 1e9) }
 			if m.kind == kindDirect {
 				// No iapd works for direct; the empty figure keeps the row
 				// order of the table and prints as n/a.
 				res.figure(sectionRelay, "iapd CPU", m.Name, "s/GB")
 			} else {
-				res.add(sectionRelay, "iapd CPU", m.Name, "s/GB", iapdCPU.Seconds()/gigabytes)
-				sum += iapdCPU
+				res.add(sectionRelay, "iapd CPU", m.Name, "s/GB", perGB(used.iapd))
 			}
-			res.add(sectionRelay, "client+sinks CPU", m.Name, "s/GB", selfCPU.Seconds()/gigabytes)
-			sum += selfCPU
-			res.add(sectionRelay, "total CPU", m.Name, "s/GB", sum.Seconds()/gigabytes)
+			res.add(sectionRelay, "client CPU", m.Name, "s/GB", perGB(used.client))
+			res.add(sectionRelay, "sink CPU", m.Name, "s/GB", perGB(used.sink))
+			res.add(sectionRelay, "total CPU", m.Name, "s/GB", perGB(used.iapd+used.client+used.sink))
 			progress("bulk run %d/%d %s done", r+1, opts.repeat, m.Name)
 		}
 	}
@@ -87,49 +86,66 @@ func bulkLabel(dir direction, streams int) string {
 	return fmt.Sprintf("%s, %d streams", dir, streams)
 }
 
-// cpuMeter measures the CPU time of iapd and of this process over a span.
+// cpuMeter measures the CPU time of iapd, of this process (the clients)
+// and of the sink process over a span.
 type cpuMeter struct {
-	pid               int // 0 for direct: iapd does no work then
-	iapdStart, mStart time.Duration
+	iapdPID, sinkPID int // iapdPID is 0 for direct: iapd does no work then
+	start            cpuUse
 }
 
-func startCPUMeter(d *iapd, m mode) (*cpuMeter, error) {
-	cm := &cpuMeter{}
-	var err error
+// cpuUse is CPU time, user plus system, of each party.
+type cpuUse struct {
+	iapd, client, sink time.Duration
+}
+
+func startCPUMeter(d *iapd, m mode, sinkPID int) (*cpuMeter, error) {
+	cm := &cpuMeter{sinkPID: sinkPID}
 	if d != nil && m.kind != kindDirect {
-		cm.pid = d.pid
-		if cm.iapdStart, err = processCPU(cm.pid); err != nil {
-			return nil, err
-		}
+		cm.iapdPID = d.pid
 	}
-	if cm.mStart, err = selfCPU(); err != nil {
-		return nil, err
-	}
-	return cm, nil
+	var err error
+	cm.start, err = cm.read()
+	return cm, err
 }
 
-func (cm *cpuMeter) stop() (iapd, self time.Duration, err error) {
-	if self, err = selfCPU(); err != nil {
-		return 0, 0, err
+func (cm *cpuMeter) read() (cpuUse, error) {
+	var u cpuUse
+	var err error
+	if u.client, err = selfCPU(); err != nil {
+		return u, err
 	}
-	self -= cm.mStart
-	if cm.pid != 0 {
-		if iapd, err = processCPU(cm.pid); err != nil {
-			return 0, 0, err
+	if u.sink, err = processCPU(cm.sinkPID); err != nil {
+		return u, err
+	}
+	if cm.iapdPID != 0 {
+		if u.iapd, err = processCPU(cm.iapdPID); err != nil {
+			return u, err
 		}
-		iapd -= cm.iapdStart
 	}
-	return iapd, self, nil
+	return u, nil
+}
+
+// stop returns the CPU time each party used since the meter started.
+func (cm *cpuMeter) stop() (cpuUse, error) {
+	now, err := cm.read()
+	if err != nil {
+		return cpuUse{}, err
+	}
+	return cpuUse{
+		iapd:   now.iapd - cm.start.iapd,
+		client: now.client - cm.start.client,
+		sink:   now.sink - cm.start.sink,
+	}, nil
 }
 
 // runBulk moves total bytes in one direction over the given number of
 // streams, split evenly, and returns the rate in MB/s (10^6 bytes per
 // second). The clock runs from the first length header to the last byte
 // arriving; connecting and the proxy handshakes are not timed.
-func runBulk(ctx context.Context, c client, s *sinks, dir direction, streams int, total int64) (float64, error) {
-	target := s.uploadAddr()
+func runBulk(ctx context.Context, c client, env *environment, dir direction, streams int, total int64) (float64, error) {
+	target := env.sinks.Upload
 	if dir == download {
-		target = s.downloadAddr()
+		target = env.sinks.Download
 	}
 
 	conns := make([]*net.TCPConn, 0, streams)
@@ -164,9 +180,9 @@ func runBulk(ctx context.Context, c client, s *sinks, dir direction, streams int
 		conn.SetDeadline(deadline)
 		wg.Go(func() {
 			if dir == upload {
-				errs[i] = uploadStream(conn, s.payload, n)
+				errs[i] = uploadStream(conn, env.ends, n)
 			} else {
-				errs[i] = downloadStream(conn, n)
+				errs[i] = downloadStream(conn, env.ends, n)
 			}
 		})
 	}
@@ -179,11 +195,11 @@ func runBulk(ctx context.Context, c client, s *sinks, dir direction, streams int
 	return float64(total) / elapsed.Seconds() / 1e6, nil
 }
 
-func uploadStream(conn *net.TCPConn, p *payload, n int64) error {
+func uploadStream(conn *net.TCPConn, ends *dataEnds, n int64) error {
 	if err := writeLength(conn, n); err != nil {
 		return fmt.Errorf("sending length: %w", err)
 	}
-	if sent, err := p.sendTo(conn, n); err != nil {
+	if sent, err := ends.send(conn, n); err != nil {
 		return fmt.Errorf("sending after %d of %d bytes: %w", sent, n, err)
 	}
 	var ack [1]byte
@@ -193,11 +209,11 @@ func uploadStream(conn *net.TCPConn, p *payload, n int64) error {
 	return nil
 }
 
-func downloadStream(conn *net.TCPConn, n int64) error {
+func downloadStream(conn *net.TCPConn, ends *dataEnds, n int64) error {
 	if err := writeLength(conn, n); err != nil {
 		return fmt.Errorf("sending length: %w", err)
 	}
-	got, err := discard(conn, n)
+	got, err := ends.receive(conn, n)
 	if err != nil {
 		return fmt.Errorf("receiving after %d of %d bytes: %w", got, n, err)
 	}
@@ -232,8 +248,16 @@ func (r setupResult) percentile(p float64) time.Duration {
 func measureSetup(ctx context.Context, opts *options, env *environment, d *iapd, modes []mode, res *results, progress func(string, ...any)) error {
 	for r := range opts.repeat {
 		for _, m := range modes {
+			cpu, err := startCPUMeter(d, m, env.sinkPID)
+			if err != nil {
+				return err
+			}
 			sr := runSetup(ctx, clientFor(m, d), env.sinks, opts.setupWorkers, opts.setupDuration)
 			if err := ctx.Err(); err != nil {
+				return err
+			}
+			used, err := cpu.stop()
+			if err != nil {
 				return err
 			}
 			if sr.errors > 0 {
@@ -245,6 +269,15 @@ func measureSetup(ctx context.Context, opts *options, env *environment, d *iapd,
 			res.add(sectionRelay, "setup rate", m.Name, "conn/s", sr.rate())
 			res.add(sectionRelay, "setup latency p50", m.Name, "ms", ms(sr.percentile(50)))
 			res.add(sectionRelay, "setup latency p99", m.Name, "ms", ms(sr.percentile(99)))
+			perConn := func(t time.Duration) float64 { return float64(t.Microseconds()) / float64(sr.conns) }
+			if m.kind == kindDirect {
+				res.figure(sectionRelay, "iapd CPU per connection", m.Name, "µs")
+			} else {
+				res.add(sectionRelay, "iapd CPU per connection", m.Name, "µs", perConn(used.iapd))
+			}
+			res.add(sectionRelay, "client CPU per connection", m.Name, "µs", perConn(used.client))
+			res.add(sectionRelay, "sink CPU per connection", m.Name, "µs", perConn(used.sink))
+			res.add(sectionRelay, "total CPU per connection", m.Name, "µs", perConn(used.iapd+used.client+used.sink))
 			progress("setup run %d/%d %s: %.0f conn/s, %d errors", r+1, opts.repeat, m.Name, sr.rate(), sr.errors)
 		}
 	}
@@ -259,7 +292,7 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 // serveEchoOnce). A cycle that is under way when the duration ends is
 // finished and counted, and the rate divides by the time until the last
 // cycle ended.
-func runSetup(ctx context.Context, c client, s *sinks, workers int, duration time.Duration) setupResult {
+func runSetup(ctx context.Context, c client, s *sinkAddrs, workers int, duration time.Duration) setupResult {
 	type workerResult struct {
 		latencies []time.Duration
 		errors    int

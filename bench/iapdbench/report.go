@@ -74,9 +74,11 @@ type section struct {
 }
 
 const (
-	sectionRelay  = "relay"
-	sectionMemory = "memory"
-	sectionDNS    = "dns"
+	sectionRelay        = "relay"
+	sectionMemory       = "memory"
+	sectionScaleTunnels = "scale-tunnels"
+	sectionScaleStreams = "scale-streams"
+	sectionDNS          = "dns"
 
 	columnOwnResolver = "iapd/dns"
 	columnGoResolver  = "net.Resolver"
@@ -89,7 +91,9 @@ func sections() []section {
 	}
 	return []section{
 		{key: sectionRelay, title: "Relay: direct and through iapd (in brackets: ratio to direct)", columns: relayColumns, baseline: "direct"},
-		{key: sectionMemory, title: "iapd memory with idle SOCKS5 tunnels", columns: []string{"socks5"}},
+		{key: sectionMemory, title: "iapd memory with idle tunnels", columns: memoryModes},
+		{key: sectionScaleTunnels, title: "SOCKS5 through iapd with idle tunnels open; column: tunnels (in brackets: ratio to 1 tunnel)", columns: scaleSteps, baseline: "1"},
+		{key: sectionScaleStreams, title: "Bulk throughput with parallel streams (in brackets: ratio to direct)", columns: scaleStreamModes, baseline: "direct"},
 		{key: sectionDNS, title: "Resolver of package dns against Go's net.Resolver, which has no cache (in brackets: ratio to net.Resolver)", columns: []string{columnOwnResolver, columnGoResolver}, baseline: columnGoResolver},
 	}
 }
