@@ -13,6 +13,11 @@ import (
 // allow.
 var scaleSteps = []string{"1", "10", "100", "1000", "max"}
 
+// minTunnelsPerTunnelRSS is the fewest tunnels over which the scale
+// measure divides RSS growth: below it, the growth is the runtime's
+// allocation granularity, not the tunnels' cost.
+const minTunnelsPerTunnelRSS = 100
+
 // scaleStreams are the numbers of parallel streams of the scale measure's
 // bulk transfers.
 var scaleStreams = []int{1, 2, 4, 8}
@@ -106,7 +111,12 @@ func runScaleTunnels(ctx context.Context, opts *options, env *environment, d *ia
 			return err
 		}
 		res.add(sectionScaleTunnels, "tunnels open", step, "", float64(len(conns)))
-		res.add(sectionScaleTunnels, "RSS per tunnel", step, "KiB", float64(mem.RSS-base.RSS)/float64(len(conns)))
+		res.add(sectionScaleTunnels, "RSS", step, "KiB", float64(mem.RSS))
+		if len(conns) >= minTunnelsPerTunnelRSS {
+			res.add(sectionScaleTunnels, "RSS per tunnel", step, "KiB", float64(mem.RSS-base.RSS)/float64(len(conns)))
+		} else {
+			res.figure(sectionScaleTunnels, "RSS per tunnel", step, "KiB")
+		}
 
 		for _, dir := range []direction{download, upload} {
 			rate, err := runBulk(ctx, c, env, dir, 1, total)
@@ -124,8 +134,7 @@ func runScaleTunnels(ctx context.Context, opts *options, env *environment, d *ia
 		}
 		res.add(sectionScaleTunnels, "setup rate", step, "conn/s", sr.rate())
 		res.add(sectionScaleTunnels, "setup latency p99", step, "ms", ms(sr.percentile(99)))
-		progress("%d tunnels open: RSS %.1f KiB per tunnel, setup %.0f conn/s",
-			len(conns), float64(mem.RSS-base.RSS)/float64(len(conns)), sr.rate())
+		progress("%d tunnels open: RSS %d KiB, setup %.0f conn/s", len(conns), mem.RSS, sr.rate())
 	}
 	return nil
 }
