@@ -62,17 +62,9 @@ func measureBulk(ctx context.Context, opts *options, env *environment, d *iapd, 
 			if err != nil {
 				return err
 			}
-			perGB := func(t time.Duration) float64 { return t.Seconds() / (float64(moved) / 1e9) }
-			if m.kind == kindDirect {
-				// No iapd works for direct; the empty figure keeps the row
-				// order of the table and prints as n/a.
-				res.figure(sectionRelay, "iapd CPU", m.Name, "s/GB")
-			} else {
-				res.add(sectionRelay, "iapd CPU", m.Name, "s/GB", perGB(used.iapd))
-			}
-			res.add(sectionRelay, "client CPU", m.Name, "s/GB", perGB(used.client))
-			res.add(sectionRelay, "sink CPU", m.Name, "s/GB", perGB(used.sink))
-			res.add(sectionRelay, "total CPU", m.Name, "s/GB", perGB(used.iapd+used.client+used.sink))
+			addCPUFigures(res, m, "", "s/GB", used, func(t time.Duration) float64 {
+				return t.Seconds() / (float64(moved) / 1e9)
+			})
 			progress("bulk run %d/%d %s done", r+1, opts.repeat, m.Name)
 		}
 	}
@@ -84,6 +76,22 @@ func bulkLabel(dir direction, streams int) string {
 		return fmt.Sprintf("%s, 1 stream", dir)
 	}
 	return fmt.Sprintf("%s, %d streams", dir, streams)
+}
+
+// addCPUFigures records the CPU time of each party and of all three,
+// scaled by per to the unit of work, as the rows "iapd CPU"+suffix,
+// "client CPU"+suffix, "sink CPU"+suffix and "total CPU"+suffix.
+func addCPUFigures(res *results, m mode, suffix, unit string, used cpuUse, per func(time.Duration) float64) {
+	if m.kind == kindDirect {
+		// No iapd works for direct; the empty figure keeps the row order
+		// of the table and prints as n/a.
+		res.figure(sectionRelay, "iapd CPU"+suffix, m.Name, unit)
+	} else {
+		res.add(sectionRelay, "iapd CPU"+suffix, m.Name, unit, per(used.iapd))
+	}
+	res.add(sectionRelay, "client CPU"+suffix, m.Name, unit, per(used.client))
+	res.add(sectionRelay, "sink CPU"+suffix, m.Name, unit, per(used.sink))
+	res.add(sectionRelay, "total CPU"+suffix, m.Name, unit, per(used.iapd+used.client+used.sink))
 }
 
 // cpuMeter measures the CPU time of iapd, of this process (the clients)
@@ -269,15 +277,9 @@ func measureSetup(ctx context.Context, opts *options, env *environment, d *iapd,
 			res.add(sectionRelay, "setup rate", m.Name, "conn/s", sr.rate())
 			res.add(sectionRelay, "setup latency p50", m.Name, "ms", ms(sr.percentile(50)))
 			res.add(sectionRelay, "setup latency p99", m.Name, "ms", ms(sr.percentile(99)))
-			perConn := func(t time.Duration) float64 { return float64(t.Microseconds()) / float64(sr.conns) }
-			if m.kind == kindDirect {
-				res.figure(sectionRelay, "iapd CPU per connection", m.Name, "µs")
-			} else {
-				res.add(sectionRelay, "iapd CPU per connection", m.Name, "µs", perConn(used.iapd))
-			}
-			res.add(sectionRelay, "client CPU per connection", m.Name, "µs", perConn(used.client))
-			res.add(sectionRelay, "sink CPU per connection", m.Name, "µs", perConn(used.sink))
-			res.add(sectionRelay, "total CPU per connection", m.Name, "µs", perConn(used.iapd+used.client+used.sink))
+			addCPUFigures(res, m, " per connection", "µs", used, func(t time.Duration) float64 {
+				return float64(t.Microseconds()) / float64(sr.conns)
+			})
 			progress("setup run %d/%d %s: %.0f conn/s, %d errors", r+1, opts.repeat, m.Name, sr.rate(), sr.errors)
 		}
 	}
