@@ -36,6 +36,7 @@ type meta struct {
 
 	Repeat        int      `json:"repeat"`
 	Quick         bool     `json:"quick"`
+	Ends          string   `json:"ends"`
 	DirectOnly    bool     `json:"direct_only"`
 	Phases        []string `json:"phases"`
 	BulkMiB       int      `json:"bulk_mib"`
@@ -110,6 +111,7 @@ func newResults(o *options) *results {
 		Kernel:        kernelRelease(),
 		Repeat:        o.repeat,
 		Quick:         o.quick,
+		Ends:          o.ends,
 		DirectOnly:    o.directOnly,
 		Phases:        o.phases,
 		BulkMiB:       o.bulkMiB,
@@ -217,8 +219,8 @@ func median(samples []float64) *float64 {
 func (r *results) table() string {
 	r.finish()
 	var b strings.Builder
-	fmt.Fprintf(&b, "iapdbench %s  commit %s%s  %d cores  %s  kernel %s  %d repeats, medians\n",
-		r.Meta.Date, shortCommit(r.Meta.Commit), map[bool]string{true: "+dirty"}[r.Meta.Dirty], r.Meta.Cores, r.Meta.GoVersion, r.Meta.Kernel, r.Meta.Repeat)
+	fmt.Fprintf(&b, "iapdbench %s  commit %s%s  %d cores  %s  kernel %s  %d repeats, medians  ends: %s\n",
+		r.Meta.Date, shortCommit(r.Meta.Commit), map[bool]string{true: "+dirty"}[r.Meta.Dirty], r.Meta.Cores, r.Meta.GoVersion, r.Meta.Kernel, r.Meta.Repeat, r.Meta.Ends)
 
 	for _, sec := range sections() {
 		var measures []string
