@@ -55,9 +55,28 @@ type servedConn struct {
 	tunnel   atomic.Bool // a CONNECT tunnel owns the connection: its dial succeeded
 	up       *upstream   // the tunnel's upstream; set before tunnel
 	released atomic.Bool // goproxy's relay has returned; the tunnel is iapd's to relay
+
+	// calls carries work from http.Server's goroutine of this connection
+	// to serveConn's, which runs it. A dial passes through deep frames;
+	// serveConn runs on a handshake worker whose stack has grown already,
+	// while http.Server starts a goroutine with a small stack for every
+	// connection, which would copy its stack as it grows.
+	calls chan func()
 }
 
 func (c *servedConn) finish() { c.once.Do(func() { close(c.done) }) }
+
+// run calls fn on serveConn's goroutine and returns when fn has returned.
+// Once serveConn has stopped taking calls, it calls fn itself.
+func (c *servedConn) run(fn func()) {
+	ran := make(chan struct{})
+	select {
+	case c.calls <- func() { fn(); close(ran) }:
+		<-ran
+	case <-c.done:
+		fn()
+	}
+}
 
 // release records that goproxy is done with the tunnel and releases
 // serveConn to relay it.
@@ -130,7 +149,7 @@ func (s *Server) newHTTPFrontend(l *policy.Listener) *httpFrontend {
 // *net.TCPConn, because the relay copies in the kernel only between two
 // TCP sockets.
 func (f *httpFrontend) serveConn(c net.Conn) (relaying bool) {
-	client := &servedConn{raw: c, conn: newClientConn(c), done: make(chan struct{})}
+	client := &servedConn{raw: c, conn: newClientConn(c), done: make(chan struct{}), calls: make(chan func())}
 	f.mu.Lock()
 	if f.closed {
 		f.mu.Unlock()
@@ -147,7 +166,14 @@ func (f *httpFrontend) serveConn(c net.Conn) (relaying bool) {
 	if !f.ln.push(client.conn) {
 		return false
 	}
-	<-client.done
+	for waiting := true; waiting; {
+		select {
+		case <-client.done:
+			waiting = false
+		case call := <-client.calls:
+			call()
+		}
+	}
 
 	if client.tunnel.Load() {
 		f.mu.Lock()
@@ -346,16 +372,27 @@ func (f *httpFrontend) dialConnect(r *http.Request, _, target string) (net.Conn,
 		panic("proxy: httpFrontend.dialConnect: CONNECT request without an app")
 	}
 
-	ctx, cancel := f.s.dialContext(r.Context())
-	defer cancel()
-	up, err := f.s.dial(ctx, app, choice, f.l, target)
+	client := clientFromContext(r.Context())
+	var (
+		up  *upstream
+		err error
+	)
+	dial := func() {
+		ctx, cancel := f.s.dialContext(r.Context())
+		defer cancel()
+		up, err = f.s.dial(ctx, app, choice, f.l, target)
+	}
+	if client != nil {
+		client.run(dial)
+	} else {
+		dial()
+	}
 	if err != nil {
 		f.log.Info("connect failed", logkey.App, app.Name, logkey.Target, target,
 			logkey.Client, r.RemoteAddr, logkey.Err, err)
 		return nil, err
 	}
 
-	client := clientFromContext(r.Context())
 	if client == nil {
 		// Without the client's state the tunnel cannot be handed over;
 		// goproxy relays it through the upstream's own methods.
