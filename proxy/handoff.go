@@ -21,8 +21,8 @@ import (
 // and buffers, so that an idle tunnel costs only the relay's two
 // goroutines.
 
-// clientConn is an accepted client connection as a front end's library
-// sees it. It is safe for concurrent use as a net.Conn is.
+// clientConn is the accepted client connection that a front end hands
+// to its library. It is safe for concurrent use as a net.Conn is.
 type clientConn struct {
 	net.Conn
 	handedOff atomic.Bool // the tunnel is iapd's; set once the dial succeeded
@@ -81,8 +81,8 @@ func (c *clientConn) Close() error {
 	return c.Conn.Close()
 }
 
-// handoffUpstream is a dialled upstream connection as a front end's
-// library sees it. Write passes, so that the client's bytes that the
+// handoffUpstream is the dialled upstream connection that a front end
+// returns to its library. Write passes, so that the client's bytes that the
 // library has buffered reach the target; the library's relay calls return
 // at once. It is safe for concurrent use as a net.Conn is.
 type handoffUpstream struct {

@@ -7,7 +7,7 @@ import (
 )
 
 // listenConfig sets keep-alive on the listening socket, which accepted
-// sockets inherit on Linux, and tells Go not to set it again on each.
+// sockets inherit on Linux, and turns off Go's setting of it on each.
 func listenConfig() *net.ListenConfig {
 	return &net.ListenConfig{
 		KeepAlive: -1,

@@ -157,6 +157,10 @@ var relayBuffers = sync.Pool{New: func() any { return new([relayBufferSize]byte)
 // bufferCopy copies from src to dst through a pooled buffer until src
 // ends, adding the bytes to count as they are written. It returns nil at
 // the end of src.
+//
+// NOTE: the buffer stays taken while Read waits, so an idle tunnel on this
+// path (a connection that is not a bare TCP socket, or a system without
+// splice) costs relayBufferSize per direction.
 func bufferCopy(dst, src net.Conn, count *atomic.Int64) error {
 	buf := relayBuffers.Get().(*[relayBufferSize]byte)
 	defer relayBuffers.Put(buf)

@@ -68,6 +68,8 @@ func measureMemory(ctx context.Context, opts *options, env *environment, res *re
 			if s.note != "" && !notes[s.note] {
 				notes[s.note] = true
 				progress("%s", s.note)
+			}
+			if s.note != "" {
 				res.note("%s", s.note)
 			}
 

@@ -164,8 +164,13 @@ func (r *results) addError(sec, measure, column, unit string, count int, err err
 	}
 }
 
+// note adds a line to the notes under the tables, unless the same line is
+// there already.
 func (r *results) note(format string, args ...any) {
-	r.Notes = append(r.Notes, fmt.Sprintf(format, args...))
+	line := fmt.Sprintf(format, args...)
+	if !slices.Contains(r.Notes, line) {
+		r.Notes = append(r.Notes, line)
+	}
 }
 
 // finish computes the medians and the ratios to each section's baseline.

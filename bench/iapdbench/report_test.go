@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -166,5 +167,16 @@ func TestParseOptions(t *testing.T) {
 			}
 			tt.check(t, o)
 		})
+	}
+}
+
+func TestResultsNoteOnce(t *testing.T) {
+	res := newResults(&options{repeat: 1, phases: allPhases})
+	res.note("tunnels lowered from %d to what fits", 10000)
+	res.note("tunnels lowered from %d to what fits", 10000)
+	res.note("another note")
+	want := []string{"tunnels lowered from 10000 to what fits", "another note"}
+	if !slices.Equal(res.Notes, want) {
+		t.Errorf("notes = %q, want %q", res.Notes, want)
 	}
 }

@@ -64,8 +64,8 @@ type sinkServer struct {
 	wg sync.WaitGroup
 }
 
-// startSinkServer opens the sinks in this process. They move bulk data as
-// ends says.
+// startSinkServer opens the sinks in this process. They move bulk data in
+// the way that ends selects.
 func startSinkServer(ends *dataEnds) (*sinkServer, error) {
 	s := &sinkServer{ends: ends}
 	listen := func() (*net.TCPListener, error) {
