@@ -57,13 +57,12 @@ func (s *Server) recoverConn() {
 	}
 }
 
-// recoverCopy turns a panic in a relay copy into *errp. The copies run on
-// goroutines that the SOCKS5 and HTTP libraries start, where a panic would
-// end the process. Defer it directly.
+// recoverCopy turns a panic in a relay copy into *errp, so that the
+// tunnel ends and the daemon goes on. Defer it directly.
 //
-// TODO: a panic in the libraries' own code on those goroutines, outside
-// the methods of this package that they call, still ends the process;
-// catching it would need the relay loops moved into this package.
+// TODO: the libraries still start goroutines of their own for the hand-off
+// (see handoff.go), which write the bytes they had buffered to the
+// upstream; a panic in the libraries' code there ends the process.
 func (s *Server) recoverCopy(errp *error) {
 	if v := recover(); v != nil {
 		s.logPanic("relaying", v)
