@@ -4,17 +4,19 @@ import (
 	"errors"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
 
 // pipeSize is the capacity the relay requests for its pipes, and so the
-// maximum that one splice(2) moves. 1 MiB is the default of /proc/sys/fs/pipe-max-size;
-// where the kernel refuses it, a pipe keeps its default of 64 KiB and
-// splices move less per call.
+// maximum that one splice(2) moves. 1 MiB is the default of
+// /proc/sys/fs/pipe-max-size; where the kernel refuses it, a pipe keeps
+// its default of 64 KiB and splices move less per call.
 const pipeSize = 1 << 20
 
 // maxIdlePipes bounds the pipes kept open between uses. Only a direction
@@ -26,23 +28,30 @@ const pipeSize = 1 << 20
 // bytes on many more tunnels at once creates and closes pipes more often.
 const maxIdlePipes = 32
 
+// pipeIdleTimeout is how long a pipe stays open in the pool unused before
+// it is closed, so that a daemon gives its pipes back once the traffic
+// has stopped. It is a variable for the tests.
+var pipeIdleTimeout = 5 * time.Second
+
 // relayPipe is a pipe(2) that carries bytes from one socket to another
 // inside the kernel. It is owned by one direction of one tunnel at a time.
 type relayPipe struct {
-	r, w int // read and write ends, both non-blocking
+	r, w int       // read and write ends, both non-blocking
+	idle time.Time // when it was last returned to the pool
 }
 
 // pipePool keeps idle pipes for reuse. The zero value is ready to use and
 // it is safe for concurrent use.
 type pipePool struct {
 	mu   sync.Mutex
-	free []*relayPipe // guarded by mu
+	free []*relayPipe // guarded by mu; least recently returned first
+	trim *time.Timer  // guarded by mu; set while pipes are idle, to close the stale ones
 	open atomic.Int64 // pipes open, idle or in use
 }
 
 var pipes pipePool
 
-// get returns an idle pipe, or a new one.
+// get returns the most recently returned idle pipe, or a new one.
 func (pp *pipePool) get() (*relayPipe, error) {
 	pp.mu.Lock()
 	if n := len(pp.free); n > 0 {
@@ -65,14 +74,41 @@ func (pp *pipePool) get() (*relayPipe, error) {
 
 // put returns an empty pipe for reuse, or closes it when enough are idle.
 func (pp *pipePool) put(p *relayPipe) {
+	p.idle = time.Now()
 	pp.mu.Lock()
 	if len(pp.free) < maxIdlePipes {
 		pp.free = append(pp.free, p)
+		if pp.trim == nil {
+			pp.trim = time.AfterFunc(pipeIdleTimeout, pp.closeStale)
+		}
 		pp.mu.Unlock()
 		return
 	}
 	pp.mu.Unlock()
 	pp.discard(p)
+}
+
+// closeStale closes the pipes that have been idle for pipeIdleTimeout, and
+// runs again when the oldest of the others will have been.
+func (pp *pipePool) closeStale() {
+	now := time.Now()
+	pp.mu.Lock()
+	n := 0
+	for n < len(pp.free) && now.Sub(pp.free[n].idle) >= pipeIdleTimeout {
+		n++
+	}
+	stale := slices.Clone(pp.free[:n])
+	pp.free = slices.Delete(pp.free, 0, n)
+	if len(pp.free) > 0 {
+		pp.trim.Reset(pipeIdleTimeout - now.Sub(pp.free[0].idle))
+	} else {
+		pp.trim = nil
+	}
+	pp.mu.Unlock()
+
+	for _, p := range stale {
+		pp.discard(p)
+	}
 }
 
 // discard closes a pipe that still holds bytes or is not needed.
