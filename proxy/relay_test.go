@@ -1,10 +1,9 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
-	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"runtime"
 	"strings"
@@ -17,23 +16,22 @@ import (
 // both directions of the relay have run.
 func openIdleTunnel(t *testing.T, addr string, target *holdServer, httpConnect bool) {
 	t.Helper()
-	c := dialProxy(t, addr)
-	var r io.Reader = c
+	var (
+		c net.Conn
+		r io.Reader
+	)
 	if httpConnect {
-		fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", target.addr, target.addr)
-		br := bufio.NewReader(c)
-		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
-		if err != nil {
-			t.Fatalf("reading CONNECT response: %v", err)
-		}
+		resp, _, conn, br := rawExchange(t, addr, "CONNECT "+target.addr+" HTTP/1.1\r\nHost: "+target.addr+"\r\n\r\n")
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("CONNECT status %d, want 200", resp.StatusCode)
 		}
-		r = br
+		c, r = conn, br
 	} else {
-		c.Write(append(greeting(methodNoAuth), request(t, 1, target.addr)...))
-		readExactly(t, c, 2)
-		readSuccess(t, c)
+		tc := dialProxy(t, addr)
+		tc.Write(append(greeting(methodNoAuth), request(t, 1, target.addr)...))
+		readExactly(t, tc, 2)
+		readSuccess(t, tc)
+		c, r = tc, tc
 	}
 	tc := target.accept(t)
 
