@@ -57,6 +57,7 @@ func (s *Server) startRelay(client net.Conn, up *upstream) {
 // closed.
 func (s *Server) startRelayNotify(client net.Conn, up *upstream, ended func(error)) {
 	t := &tunnel{s: s, client: client, up: up, ended: ended, listener: s.listenerOf(client)}
+	up.client.Store(client)
 	t.running.Store(2)
 	s.conns.Add(1)
 	go t.copyUp()

@@ -2,11 +2,13 @@ package proxy
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
 	"runtime"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -379,5 +381,52 @@ func TestRelay(t *testing.T) {
 				t.Errorf("closed rows %+v, want one with 13 bytes up and 18 down", closed)
 			}
 		})
+	}
+}
+
+func TestCloseAccessPointResetsStalledClient(t *testing.T) {
+	// A target that sends without end, to a client that does not read, so
+	// that the relay is blocked writing to the client when the access
+	// point goes away.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		chunk := make([]byte, 64<<10)
+		for {
+			if _, err := c.Write(chunk); err != nil {
+				return
+			}
+		}
+	}()
+
+	network := newFakeNetwork(t)
+	p := testPolicy(t)
+	s, addr := startServer(t, Config{Network: network}, p.Listeners[0])
+	c := dialProxy(t, addr)
+	c.Write(slices.Concat(greeting(methodNoAuth), request(t, 1, ln.Addr().String())))
+	readExactly(t, c, 2+10)
+	waitFor(t, "the relay to fill the client's buffers", func() bool {
+		conns := s.Conns()
+		return len(conns) == 1 && conns[0].BytesDown > 1<<20
+	})
+
+	if n := s.CloseAccessPoint("a"); n != 1 {
+		t.Fatalf("CloseAccessPoint closed %d connections, want 1", n)
+	}
+
+	// The client reads what was already delivered, then must see a reset,
+	// not a clean end of stream that would pass a cut download as whole.
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = io.Copy(io.Discard, c)
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("client read ended with %v, want a connection reset", err)
 	}
 }

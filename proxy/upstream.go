@@ -32,6 +32,13 @@ type upstream struct {
 	lastActive atomic.Int64
 	lastTotal  atomic.Int64
 
+	// client is the tunnel's client connection (a net.Conn), stored when
+	// the relay starts. A close with a reason resets it too: closing only
+	// the upstream would leave a relay blocked on writing to a client that
+	// does not read, and a client that reads would see a clean end of
+	// stream where its transfer was cut.
+	client atomic.Value
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -79,6 +86,9 @@ func (u *upstream) Close() error { return u.closeWithReason("") }
 // closed it. Only the first call of either has an effect.
 func (u *upstream) closeWithReason(reason string) error {
 	u.closeOnce.Do(func() {
+		if reason != "" {
+			u.reset()
+		}
 		u.closeErr = u.Conn.Close()
 		info := u.snapshot()
 		info.Reason = reason
@@ -94,6 +104,23 @@ func (u *upstream) closeWithReason(reason string) error {
 		}
 	})
 	return u.closeErr
+}
+
+// reset closes the tunnel's client connection with a TCP reset, so that
+// the application notices at once that the connection was cut, and makes
+// the upstream's close a reset too; see SO_LINGER in socket(7).
+func (u *upstream) reset() {
+	if tc, ok := u.Conn.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c, ok := u.client.Load().(net.Conn)
+	if !ok {
+		return
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
 }
 
 // snapshot returns the table row of u with its current byte counts.
