@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
 	"time"
@@ -16,6 +17,12 @@ import (
 type HealthConfig struct {
 	Policy  *policy.Policy // required
 	Manager *Manager       // required: interface state, routing tables and dialers
+	// GatewayDial, if set, dials target (host:port, the name unresolved)
+	// through an access point's gateway proxy. The tcp and http probes of
+	// an access point with a gateway proxy go through it, so that they
+	// measure the gateway and not only the interface that reaches it.
+	GatewayDial func(ctx context.Context, ap *policy.AccessPoint, target string) (net.Conn, error)
+
 	// Resolve looks up a host name of a tcp or http probe with the access
 	// point's own resolver. Nil makes such probes fail on names.
 	Resolve LookupFunc
@@ -416,7 +423,14 @@ func (h *Health) probeLoop(g *probeGroup, ap *policy.AccessPoint, st *apHealth) 
 // probeOnce sends ap's probe, records the result and updates the statuses.
 func (h *Health) probeOnce(groupCtx context.Context, ap *policy.AccessPoint, st *apHealth) {
 	ctx, cancel := context.WithTimeout(groupCtx, ap.Probe.Timeout)
-	rtt, err := SendProbe(ctx, ap, h.cfg.Manager.Dialer(ap), h.cfg.Resolve, h.cfg.Query)
+	var rtt time.Duration
+	var err error
+	if ap.Proxy != nil && h.cfg.GatewayDial != nil {
+		dial := func(ctx context.Context, target string) (net.Conn, error) { return h.cfg.GatewayDial(ctx, ap, target) }
+		rtt, err = sendProbe(ctx, ap, dial, h.cfg.Query)
+	} else {
+		rtt, err = SendProbe(ctx, ap, h.cfg.Manager.Dialer(ap), h.cfg.Resolve, h.cfg.Query)
+	}
 	cancel()
 	if groupCtx.Err() != nil {
 		return

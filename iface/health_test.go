@@ -447,3 +447,57 @@ func TestHealthUpdate(t *testing.T) {
 		}
 	}
 }
+
+func TestHealthProbesThroughGateway(t *testing.T) {
+	// The probe target listens, so a probe that bypassed the gateway and
+	// dialled it directly would pass.
+	addr, _ := listenTCP(t, "127.0.0.1:0")
+	tests := []struct {
+		name       string
+		gatewayErr error
+		wantUsable bool
+		wantReason string
+	}{
+		{name: "gateway answers", wantUsable: true},
+		{
+			name:       "gateway down",
+			gatewayErr: errors.New("reaching gateway proxy 192.0.2.8:1080: connection refused"),
+			wantReason: "probe has not passed yet: reaching gateway proxy 192.0.2.8:1080: connection refused",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			corp := &policy.AccessPoint{Name: "corp", Interface: "wlan0",
+				Proxy: &policy.GatewayProxy{Protocol: policy.ProxySOCKS5, Address: "192.0.2.8:1080"},
+				Probe: &policy.Probe{Kind: policy.ProbeTCP, Target: addr, Interval: time.Hour, Timeout: time.Second, Failures: 3, Successes: 1},
+			}
+			var mu sync.Mutex
+			var dialled []string
+			gatewayDial := func(ctx context.Context, ap *policy.AccessPoint, target string) (net.Conn, error) {
+				mu.Lock()
+				dialled = append(dialled, ap.Name+" "+target)
+				mu.Unlock()
+				if tt.gatewayErr != nil {
+					return nil, tt.gatewayErr
+				}
+				var d net.Dialer
+				return d.DialContext(ctx, "tcp", target)
+			}
+			b := newHealthBed(t, testPolicy(corp), wlanSnapshot(true), HealthConfig{GatewayDial: gatewayDial})
+
+			if tt.wantUsable {
+				waitStatus(t, b.h, corp, "pass", isUsable)
+			} else {
+				st := waitStatus(t, b.h, corp, "failure", func(st policy.Status) bool { return st.Reason != "probe has not passed yet" })
+				if st.Usable || st.Reason != tt.wantReason {
+					t.Errorf("status = usable %v, reason %q; want unusable, %q", st.Usable, st.Reason, tt.wantReason)
+				}
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if len(dialled) == 0 || dialled[0] != "corp "+addr {
+				t.Errorf("gateway dials = %q, want the probe target %q through corp's gateway", dialled, addr)
+			}
+		})
+	}
+}

@@ -148,11 +148,20 @@ func (p *probeState) describe(cfg *policy.Probe) string {
 // a dns probe with query. Health sends probes itself; SendProbe is for
 // one-off checks.
 func SendProbe(ctx context.Context, ap *policy.AccessPoint, d *Dialer, resolve, query LookupFunc) (time.Duration, error) {
+	dial := func(ctx context.Context, target string) (net.Conn, error) {
+		return dialProbe(ctx, ap, d, resolve, target)
+	}
+	return sendProbe(ctx, ap, dial, query)
+}
+
+// sendProbe is SendProbe with the connections of tcp and http probes made
+// by dial, which gets the probe's host:port.
+func sendProbe(ctx context.Context, ap *policy.AccessPoint, dial func(context.Context, string) (net.Conn, error), query LookupFunc) (time.Duration, error) {
 	p := ap.Probe
 	start := time.Now()
 	switch p.Kind {
 	case policy.ProbeTCP:
-		c, err := dialProbe(ctx, ap, d, resolve, p.Target)
+		c, err := dial(ctx, p.Target)
 		if err != nil {
 			return 0, err
 		}
@@ -161,7 +170,7 @@ func SendProbe(ctx context.Context, ap *policy.AccessPoint, d *Dialer, resolve, 
 		return rtt, nil
 
 	case policy.ProbeHTTP:
-		return probeHTTP(ctx, ap, d, resolve)
+		return probeHTTP(ctx, ap, dial)
 
 	case policy.ProbeDNS:
 		if query == nil {
@@ -182,12 +191,12 @@ func SendProbe(ctx context.Context, ap *policy.AccessPoint, d *Dialer, resolve, 
 // probeHTTP sends GET to the probe's URL over one fresh connection and
 // checks the status. Redirects are not followed: a captive portal answers
 // with one, and that must count as a failure.
-func probeHTTP(ctx context.Context, ap *policy.AccessPoint, d *Dialer, resolve LookupFunc) (time.Duration, error) {
+func probeHTTP(ctx context.Context, ap *policy.AccessPoint, dial func(context.Context, string) (net.Conn, error)) (time.Duration, error) {
 	p := ap.Probe
 	tr := &http.Transport{
 		Proxy: nil,
 		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-			return dialProbe(ctx, ap, d, resolve, addr)
+			return dial(ctx, addr)
 		},
 		DisableKeepAlives:  true,
 		DisableCompression: true,

@@ -21,6 +21,17 @@ import (
 // its host resolved by ap's resolver when it is a name; the target's name
 // goes to the gateway unresolved, so that the gateway's own resolver, and
 // no resolver of this host, learns it.
+// DialGateway dials target (host:port, a name left unresolved) through
+// ap's gateway proxy, out of ap's interface. Health probes use it, so that
+// an access point with a gateway is usable only while the gateway answers.
+func (s *Server) DialGateway(ctx context.Context, ap *policy.AccessPoint, target string) (net.Conn, error) {
+	c, derr := s.dialGateway(ctx, ap, target)
+	if derr != nil {
+		return nil, derr
+	}
+	return c, nil
+}
+
 func (s *Server) dialGateway(ctx context.Context, ap *policy.AccessPoint, target string) (net.Conn, *DialError) {
 	gw := ap.Proxy
 	derr := &DialError{AccessPoint: ap.Name, Interface: s.cfg.Network.Interface(ap), Target: target}

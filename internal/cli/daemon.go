@@ -101,7 +101,7 @@ func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (_
 	if err != nil {
 		return nil, err
 	}
-	d.health = d.network.startHealth(pol, logger)
+	d.health = d.network.startHealth(pol, d.proxy.DialGateway, logger)
 
 	// Events flow from here on: interface changes from the monitor, and
 	// access point changes from the health, which the supervisor turns

@@ -101,13 +101,14 @@ func (n *network) update(pol *policy.Policy) {
 // startHealth starts following the access points' health, probes
 // included, and the conditions that plans see. The caller closes the
 // returned Health.
-func (n *network) startHealth(pol *policy.Policy, logger *slog.Logger) *iface.Health {
+func (n *network) startHealth(pol *policy.Policy, gatewayDial func(context.Context, *policy.AccessPoint, string) (net.Conn, error), logger *slog.Logger) *iface.Health {
 	n.health = iface.NewHealth(iface.HealthConfig{
-		Policy:  pol,
-		Manager: n.links,
-		Resolve: n.lookup,
-		Query:   n.query,
-		Logger:  logger,
+		GatewayDial: gatewayDial,
+		Policy:      pol,
+		Manager:     n.links,
+		Resolve:     n.lookup,
+		Query:       n.query,
+		Logger:      logger,
 	})
 	n.conditions.Store(newConditions(pol, n.health, nil))
 	return n.health
