@@ -69,8 +69,8 @@ func (r *Resolver) exchangeSystem(ctx context.Context, name string, qtype uint16
 	return resp, nil
 }
 
-// ErrRefused is what a ListenerConfig.Route returns, wrapped, for a name
-// that the app's policy refuses.
+// ErrRefused is the error that ListenerConfig.Route returns, wrapped, for a
+// name that the app's policy rejects.
 var ErrRefused = errors.New("dns: refused by policy")
 
 // ListenerConfig configures NewListener.

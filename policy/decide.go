@@ -55,7 +55,7 @@ func (l *Listener) Identify(user string, password Password, hasCredentials bool)
 // needs it.
 type Status struct {
 	Usable bool
-	Reason string // why it is not usable; empty when it is
+	Reason string // the reason it is not usable; empty when it is usable
 
 	// Since is when the access point last became usable. The zero time
 	// means usable since iapd started, which no hold-down applies to.
@@ -98,8 +98,8 @@ type Plan struct {
 	// Held lists the candidates that came back less than the hold-down
 	// ago. They are tried after the others, at the end of Candidates.
 	Held []Held
-	// Why explains in words why the first candidate comes first; empty
-	// when there is no candidate.
+	// Why is the reason, in words, that the first candidate comes first;
+	// empty when there is no candidate.
 	Why string
 
 	refused error // wraps ErrNotAllowed; nil when allowed

@@ -100,9 +100,9 @@ func (s *Server) dial(ctx context.Context, app *policy.App, choice string, l *po
 
 // dialInOrder tries plan's candidates one after another, each within its
 // share of the time left. It stops at a name that an access point's DNS
-// servers say does not exist: that is an answer, not a failure of the
-// access point, and asking the next one would send the name to another
-// interface's servers. A full access point is passed over like an
+// servers report as nonexistent. That is a DNS response, not a failure of
+// the access point, and asking the next one would send the name to
+// another interface's servers. A full access point is passed over like an
 // unusable one: its error becomes the primary cause only when no access
 // point was dialled.
 func (s *Server) dialInOrder(ctx context.Context, plan policy.Plan, host string, port uint16, target string, gate *capGate) (net.Conn, *policy.AccessPoint, *DialError) {
@@ -153,7 +153,7 @@ func (s *Server) dialInOrder(ctx context.Context, plan policy.Plan, host string,
 	return nil, nil, first
 }
 
-// raceResult is how one access point's attempt in a race ended.
+// raceResult is the outcome of one access point's attempt in a race.
 type raceResult struct {
 	index int
 	ap    *policy.AccessPoint
