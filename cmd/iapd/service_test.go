@@ -47,6 +47,9 @@ access_points:
 destinations:
   cell-first:
     access_points: [cell, wifi]
+    # Go back to cell at once: the default hold-down of 5 s equals the
+    # tests' wait and made the fail-back checks race with it.
+    hold_down: 0s
 control:
   http: 127.0.0.1:9180
   pac:
