@@ -56,6 +56,11 @@ type servedConn struct {
 	up       *upstream   // the tunnel's upstream; set before tunnel
 	released atomic.Bool // goproxy's relay has returned; the tunnel is iapd's to relay
 
+	// upgraded is the upstream of a request whose origin switched
+	// protocols, from roundTripUpgrade to serveHTTP. Both run on
+	// http.Server's goroutine of this connection.
+	upgraded *upgradedUpstream
+
 	// calls carries work from http.Server's goroutine of this connection
 	// to serveConn's, which runs it. A dial passes through deep frames;
 	// serveConn runs on a handshake worker whose stack has grown already,
@@ -254,8 +259,9 @@ func appFromContext(ctx context.Context) (*policy.App, string) {
 	return c.app, c.choice
 }
 
-// serveHTTP runs goproxy and then ends a hijacked connection that no tunnel
-// took over: goproxy has already written a rejection or a dial error to it.
+// serveHTTP runs goproxy, takes over a connection whose origin switched
+// protocols, and ends a hijacked connection that no tunnel took over:
+// goproxy has already written a rejection or a dial error to it.
 func (f *httpFrontend) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	defer f.s.recoverHandler()
 	if r.ProtoMajor == 1 && r.ProtoMinor > 1 {
@@ -265,9 +271,24 @@ func (f *httpFrontend) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		r = r.WithContext(r.Context())
 		r.Proto, r.ProtoMinor = "HTTP/1.1", 1
 	}
-	f.proxy.ServeHTTP(w, r)
-
 	client := clientFromContext(r.Context())
+	if client != nil && r.Method != http.MethodConnect && upgradeProtocols(r) != "" {
+		defer func() {
+			// Reached only when goproxy panicked after the 101.
+			if u := client.upgraded; u != nil {
+				client.upgraded = nil
+				u.up.Close()
+			}
+		}()
+		f.proxy.ServeHTTP(upgradeWriter{w}, r)
+		if u := client.upgraded; u != nil {
+			client.upgraded = nil
+			f.finishUpgrade(w, client, u)
+		}
+	} else {
+		f.proxy.ServeHTTP(w, r)
+	}
+
 	if client != nil && client.hijacked.Load() && !client.tunnel.Load() {
 		_ = client.conn.Close()
 		client.finish()

@@ -38,12 +38,8 @@ var hopByHopHeaders = []string{
 }
 
 // removeHopByHop deletes from h the hop-by-hop fields and every field that
-// its Connection header names.
-//
-// TODO: Upgrade is removed like any hop-by-hop field, so a WebSocket
-// handshake sent as a plain proxy request (GET http://host/ with Upgrade:
-// websocket) reaches the origin as an ordinary GET and fails. Clients that
-// tunnel WebSocket through CONNECT are not affected.
+// its Connection header names. A protocol upgrade puts its Upgrade and
+// Connection fields back (see roundTripUpgrade).
 func removeHopByHop(h http.Header) {
 	for _, v := range h.Values("Connection") {
 		for name := range strings.SplitSeq(v, ",") {

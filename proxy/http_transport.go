@@ -72,7 +72,9 @@ func (p *preDialed) take() (net.Conn, claim, *upstream) {
 }
 
 // handleRequest identifies the app of an absolute-form request, strips the
-// hop-by-hop headers and sets the round tripper that dials for that app.
+// hop-by-hop headers and sets the round tripper that dials for that app:
+// roundTripUpgrade for a request that requests a protocol upgrade,
+// roundTrip for the others.
 func (f *httpFrontend) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request, *http.Response) {
 	app, choice, resp := f.identify(r)
 	if resp != nil {
@@ -84,8 +86,16 @@ func (f *httpFrontend) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*h
 	}
 
 	// goproxy strips only some proxy headers and keeps the fields that
-	// Connection names; removeHopByHop takes them all.
+	// Connection names; removeHopByHop takes them all. An upgrade request
+	// gets its Upgrade field back in roundTripUpgrade.
+	protocols := upgradeProtocols(r)
 	removeHopByHop(r.Header)
+	if client := clientFromContext(r.Context()); client != nil && protocols != "" {
+		ctx.RoundTripper = goproxy.RoundTripperFunc(func(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
+			return f.roundTripUpgrade(req, client, app, choice, protocols), nil
+		})
+		return r, nil
+	}
 	ctx.RoundTripper = goproxy.RoundTripperFunc(func(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
 		return f.roundTrip(req, app, choice), nil
 	})

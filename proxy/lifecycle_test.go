@@ -60,6 +60,17 @@ func newLifecycleServer(t *testing.T, cfg Config) *Server {
 // used again and again.
 func startLineEcho(t *testing.T) string {
 	t.Helper()
+	return startLoopbackServer(t, func(c net.Conn) {
+		defer c.Close()
+		io.Copy(c, c)
+	})
+}
+
+// startLoopbackServer listens on 127.0.0.1 and runs handle on a goroutine
+// of its own for each connection. When the test ends it closes the
+// listener and every connection and waits for the handlers to return.
+func startLoopbackServer(t *testing.T, handle func(net.Conn)) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("listening: %v", err)
@@ -67,9 +78,7 @@ func startLineEcho(t *testing.T) string {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	wg.Go(func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
@@ -78,14 +87,9 @@ func startLineEcho(t *testing.T) string {
 			mu.Lock()
 			conns = append(conns, c)
 			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, c)
-			}()
+			wg.Go(func() { handle(c) })
 		}
-	}()
+	})
 	t.Cleanup(func() {
 		ln.Close()
 		mu.Lock()
