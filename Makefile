@@ -7,7 +7,7 @@ CONFIG ?= config.example.yaml
 
 FUZZTIME ?= 1m
 
-.PHONY: all setup setup-test build run bed test vet fuzz soak bench clean install
+.PHONY: all setup setup-test setup-bench build run bed test vet fuzz soak bench clean install
 
 all: build
 
@@ -55,9 +55,13 @@ soak: setup-test
 	CI=true IAPD_SOAK=long IAPD_SOAK_REPORT=$(CURDIR)/bin/soak-report.txt \
 		$(GO) test -count=1 -timeout 20m -run '^TestPrivilegedSoak$$' -v ./cmd/iapd
 
-# bench measures iapd against direct connections on loopback; see
-# bench/README.md. BENCHFLAGS=-quick gives a run of about 30 s.
-bench: build
+# bench measures iapd against direct connections and against other SOCKS5
+# proxies (microsocks; Dante too when dante-server is installed) on
+# loopback; see bench/README.md. BENCHFLAGS=-quick gives a shorter run.
+setup-bench:
+	./scripts/setup-debian.sh bench
+
+bench: build setup-bench
 	$(GO) run ./bench/iapdbench -iapd bin/iapd -out bench/out $(BENCHFLAGS)
 
 # install puts iapd where deploy/iapd.service expects it, installs the unit

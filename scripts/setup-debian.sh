@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs the Debian packages that building iapd needs and, with the
-# argument "test", those its tests need too. Only missing packages are
-# installed, so a second run costs nothing.
+# argument "test", those its tests need too, or with "bench", those the
+# benchmark needs. Only missing packages are installed, so a second run
+# costs nothing.
 #   golang-go   only when no Go toolchain is installed; go.mod then makes
 #               it fetch the Go release the module needs
 # For tests:
@@ -12,6 +13,8 @@
 #   dbus-daemon a private bus for the stand-in systemd-resolved and
 #               NetworkManager of the dns: auto tests
 #   bind9-dnsutils  dig, the real DNS client of the per-app DNS listener test
+#   microsocks  a SOCKS5 proxy in C that the benchmark measures beside iapd
+#               (tests and bench); it installs no service
 set -eu
 
 need=""
@@ -22,6 +25,9 @@ if [ "${1:-}" = test ]; then
 	command -v chromium >/dev/null 2>&1 || need="$need chromium"
 	command -v dbus-daemon >/dev/null 2>&1 || need="$need dbus-daemon"
 	command -v dig >/dev/null 2>&1 || need="$need bind9-dnsutils"
+fi
+if [ "${1:-}" = test ] || [ "${1:-}" = bench ]; then
+	command -v microsocks >/dev/null 2>&1 || need="$need microsocks"
 fi
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
 	need="$need golang-go ca-certificates"

@@ -22,13 +22,15 @@ const (
 	kindHTTPConnect
 )
 
-// mode is one way of reaching a sink: directly or through one of iapd's
-// listeners. The proxy address is filled in once iapd has started.
+// mode is one way of reaching a sink: directly, through one of iapd's
+// listeners, or through a peer proxy. The proxy address is filled in once
+// iapd has started.
 type mode struct {
 	Name     string
 	kind     modeKind
 	user     string // SOCKS5 user name; empty for no authentication
 	password string
+	peer     *peer // the peer proxy of the mode; nil for direct and iapd
 }
 
 // benchUser and benchPassword are the credentials of the SOCKS5 listener
@@ -79,7 +81,10 @@ type client struct {
 // (which may be nil for direct).
 func clientFor(m mode, d *iapd) client {
 	c := client{mode: m}
-	if d != nil {
+	switch {
+	case m.peer != nil:
+		c.proxy = m.peer.addr
+	case d != nil:
 		c.proxy = d.listenerFor(m)
 	}
 	return c

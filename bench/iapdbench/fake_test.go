@@ -131,14 +131,14 @@ func TestRunBenchmarkWithFakeIapd(t *testing.T) {
 	out := t.TempDir()
 	args := []string{"-iapd", iapdPath, "-out", out, "-repeat", "1",
 		"-bulk-mib", "4", "-streams", "2", "-setup-duration", "100ms", "-setup-workers", "2",
-		"-tunnels", "20", "-dns-duration", "50ms", "-dns-workers", "2"}
+		"-tunnels", "20", "-dns-duration", "50ms", "-dns-workers", "2", "-peers", "none"}
 
 	var stdout, stderr bytes.Buffer
 	if code := run(args, &stdout, &stderr); code != 0 {
 		t.Fatalf("run exited with %d:\n%s", code, stderr.String())
 	}
 	for _, want := range []string{
-		"upload, 2 streams", "download, 1 stream", "setup latency p99", "iapd CPU",
+		"upload, 2 streams", "download, 1 stream", "setup latency p99", "proxy CPU",
 		"RSS per tunnel", "goroutines per tunnel", "distinct names", "client CPU", "sink CPU",
 		"upload, 4 streams", "tunnels open",
 	} {

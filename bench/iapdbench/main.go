@@ -30,6 +30,7 @@ type options struct {
 
 	directOnly bool
 	phases     []string // subset of allPhases, in the order given by allPhases
+	peers      string   // "auto", "none" or a comma-separated list of peer names
 
 	bulkMiB       int
 	streams       int
@@ -103,6 +104,7 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 	fs.BoolVar(&opts.quick, "quick", false, "use small sizes and short durations (about 30 s in all) for flags not set explicitly")
 	fs.StringVar(&opts.ends, "ends", endsCopy, "how clients and sinks move bulk data: "+endsCopy+" (read(2) and write(2) with 128 KiB buffers) or "+endsZeroCopy+" (sendfile(2) and splice(2))")
 	fs.BoolVar(&opts.directOnly, "direct-only", false, "measure only direct connections and the resolver; iapd is not started")
+	fs.StringVar(&opts.peers, "peers", "auto", "other SOCKS5 proxies measured beside iapd in the bulk and setup measures: auto (those installed), none, or a comma-separated `list` of "+strings.Join(peerNames(), ", "))
 	phases := fs.String("phases", strings.Join(allPhases, ","), "comma-separated `list` of measures to run: "+strings.Join(allPhases, ", "))
 
 	fs.IntVar(&opts.bulkMiB, "bulk-mib", 1024, "MiB moved by each bulk transfer, split evenly across the parallel streams")
@@ -235,6 +237,20 @@ func runBenchmark(ctx context.Context, opts *options, stdout, stderr io.Writer) 
 	modes := []mode{directMode()}
 	if !opts.directOnly {
 		modes = append(modes, proxyModes()...)
+	}
+	if !opts.directOnly && (opts.hasPhase("bulk") || opts.hasPhase("setup")) {
+		peers, err := startPeers(ctx, opts.peers, env.dir, res, progress)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			for _, p := range peers {
+				p.stop()
+			}
+		}()
+		for _, p := range peers {
+			modes = append(modes, p.mode())
+		}
 	}
 
 	if opts.hasPhase("dns") {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,12 +40,17 @@ const probeTunnels = 100
 // counts: one per front end.
 var memoryModes = []string{"socks5", "http"}
 
+// memoryColumns are the columns of the memory table: iapd's modes, then
+// the peers.
+func memoryColumns() []string { return append(slices.Clone(memoryModes), peerNames()...) }
+
 // measureMemory starts a fresh iapd for each repeat and mode, so that no
 // run measures heap left over from an earlier one, and reads its memory
 // before and with opts.tunnels idle tunnels open.
 func measureMemory(ctx context.Context, opts *options, env *environment, res *results, progress func(string, ...any)) error {
 	noGoroutines := false
 	notes := map[string]bool{}
+	peerTunnels := opts.tunnels
 	for r := range opts.repeat {
 		for _, col := range memoryModes {
 			m, err := modeByName(col)
@@ -73,16 +79,11 @@ func measureMemory(ctx context.Context, opts *options, env *environment, res *re
 				res.note("%s", s.note)
 			}
 
+			if col == "socks5" {
+				peerTunnels = s.tunnels
+			}
 			n := float64(s.tunnels)
-			res.add(sectionMemory, "tunnels open", col, "", n)
-			res.add(sectionMemory, "RSS idle", col, "KiB", float64(s.before.RSS))
-			res.add(sectionMemory, "RSS with tunnels", col, "KiB", float64(s.with.RSS))
-			res.add(sectionMemory, "RSS per tunnel", col, "KiB", float64(s.with.RSS-s.before.RSS)/n)
-			res.add(sectionMemory, "PSS idle", col, "KiB", float64(s.before.PSS))
-			res.add(sectionMemory, "PSS with tunnels", col, "KiB", float64(s.with.PSS))
-			res.add(sectionMemory, "PSS per tunnel", col, "KiB", float64(s.with.PSS-s.before.PSS)/n)
-			res.add(sectionMemory, "file descriptors per tunnel", col, "", float64(s.filesWith-s.filesBefore)/n)
-			res.add(sectionMemory, "threads with tunnels", col, "", float64(s.threads))
+			addMemoryFigures(res, col, s.tunnels, s.before, s.with, s.filesWith-s.filesBefore, s.threads)
 			if s.goroutinesWith >= 0 {
 				res.add(sectionMemory, "goroutines idle", col, "", float64(s.goroutinesBefore))
 				res.add(sectionMemory, "goroutines with tunnels", col, "", float64(s.goroutinesWith))
@@ -98,7 +99,78 @@ func measureMemory(ctx context.Context, opts *options, env *environment, res *re
 	if noGoroutines {
 		res.note("goroutines: n/a, because iapd did not serve net/http/pprof at %s (a thread count is not a goroutine count)", pprofEnv)
 	}
+	return measurePeerMemory(ctx, opts, env, res, peerTunnels, progress)
+}
+
+// addMemoryFigures records the memory rows of one run in column col.
+func addMemoryFigures(res *results, col string, tunnels int, before, with memoryUsage, addedFiles, threads int) {
+	n := float64(tunnels)
+	res.add(sectionMemory, "tunnels open", col, "", n)
+	res.add(sectionMemory, "RSS idle", col, "KiB", float64(before.RSS))
+	res.add(sectionMemory, "RSS with tunnels", col, "KiB", float64(with.RSS))
+	res.add(sectionMemory, "RSS per tunnel", col, "KiB", float64(with.RSS-before.RSS)/n)
+	res.add(sectionMemory, "PSS idle", col, "KiB", float64(before.PSS))
+	res.add(sectionMemory, "PSS with tunnels", col, "KiB", float64(with.PSS))
+	res.add(sectionMemory, "PSS per tunnel", col, "KiB", float64(with.PSS-before.PSS)/n)
+	res.add(sectionMemory, "file descriptors per tunnel", col, "", float64(addedFiles)/n)
+	res.add(sectionMemory, "threads with tunnels", col, "", float64(threads))
+}
+
+// measurePeerMemory measures the peers' memory like iapd's, with as many
+// tunnels as iapd's SOCKS5 runs held, a fresh peer for each repeat. A
+// peer that runs several processes (Dante) is counted as their sum, PSS
+// being the figure that counts their shared pages once.
+func measurePeerMemory(ctx context.Context, opts *options, env *environment, res *results, tunnels int, progress func(string, ...any)) error {
+	kinds, notes, err := findPeers(opts.peers)
+	if err != nil {
+		return err
+	}
+	for _, n := range notes {
+		res.note("%s", n)
+	}
+	for r := range opts.repeat {
+		for _, k := range kinds {
+			p, err := startPeer(ctx, k, env.dir)
+			if err != nil {
+				return err
+			}
+			before, with, err := runPeerMemory(ctx, p, env, tunnels, opts.setupWorkers)
+			p.stop()
+			if err != nil {
+				return fmt.Errorf("memory run %d, peer %s: %w", r+1, k.name, err)
+			}
+
+			col, n := k.name, float64(tunnels)
+			addMemoryFigures(res, col, tunnels, before.mem, with.mem, with.files-before.files, with.threads)
+			res.add(sectionMemory, "processes with tunnels", col, "", float64(with.processes))
+			progress("memory run %d/%d peer %s: %d tunnels, PSS %d -> %d KiB, %.1f KiB per tunnel",
+				r+1, opts.repeat, col, tunnels, before.mem.PSS, with.mem.PSS, float64(with.mem.PSS-before.mem.PSS)/n)
+		}
+	}
 	return nil
+}
+
+// runPeerMemory reads the peer's usage before and with the given number
+// of idle tunnels open.
+func runPeerMemory(ctx context.Context, p *peer, env *environment, tunnels, workers int) (before, with treeUsage, err error) {
+	time.Sleep(settleTime)
+	if before, err = readTreeUsage(p.cmd.Process.Pid); err != nil {
+		return before, with, err
+	}
+
+	conns, err := openTunnels(ctx, clientFor(p.mode(), nil), env.sinks, tunnels, workers, nil)
+	defer func() {
+		for _, conn := range conns {
+			conn.Close()
+		}
+	}()
+	if err != nil {
+		return before, with, err
+	}
+
+	time.Sleep(settleTime)
+	with, err = readTreeUsage(p.cmd.Process.Pid)
+	return before, with, err
 }
 
 func runMemory(ctx context.Context, d *iapd, env *environment, m mode, tunnels, workers int) (memorySample, error) {

@@ -79,37 +79,43 @@ func bulkLabel(dir direction, streams int) string {
 }
 
 // addCPUFigures records the CPU time of each party and of all three,
-// scaled by per to the unit of work, as the rows "iapd CPU"+suffix,
-// "client CPU"+suffix, "sink CPU"+suffix and "total CPU"+suffix.
+// scaled by per to the unit of work, as the rows "proxy CPU"+suffix,
+// "client CPU"+suffix, "sink CPU"+suffix and "total CPU"+suffix. The
+// proxy is iapd, or the peer in a peer's column.
 func addCPUFigures(res *results, m mode, suffix, unit string, used cpuUse, per func(time.Duration) float64) {
 	if m.kind == kindDirect {
-		// No iapd works for direct; the empty figure keeps the row order
+		// No proxy works for direct; the empty figure keeps the row order
 		// of the table and prints as n/a.
-		res.figure(sectionRelay, "iapd CPU"+suffix, m.Name, unit)
+		res.figure(sectionRelay, "proxy CPU"+suffix, m.Name, unit)
 	} else {
-		res.add(sectionRelay, "iapd CPU"+suffix, m.Name, unit, per(used.iapd))
+		res.add(sectionRelay, "proxy CPU"+suffix, m.Name, unit, per(used.proxy))
 	}
 	res.add(sectionRelay, "client CPU"+suffix, m.Name, unit, per(used.client))
 	res.add(sectionRelay, "sink CPU"+suffix, m.Name, unit, per(used.sink))
-	res.add(sectionRelay, "total CPU"+suffix, m.Name, unit, per(used.iapd+used.client+used.sink))
+	res.add(sectionRelay, "total CPU"+suffix, m.Name, unit, per(used.proxy+used.client+used.sink))
 }
 
-// cpuMeter measures the CPU time of iapd, of this process (the clients)
-// and of the sink process over a span.
+// cpuMeter measures the CPU time of the proxy, of this process (the
+// clients) and of the sink process over a span.
 type cpuMeter struct {
-	iapdPID, sinkPID int // iapdPID is 0 for direct: iapd does no work then
-	start            cpuUse
+	proxyCPU func() (time.Duration, error) // nil for direct: no proxy works then
+	sinkPID  int
+	start    cpuUse
 }
 
 // cpuUse is CPU time, user plus system, of each party.
 type cpuUse struct {
-	iapd, client, sink time.Duration
+	proxy, client, sink time.Duration
 }
 
 func startCPUMeter(d *iapd, m mode, sinkPID int) (*cpuMeter, error) {
 	cm := &cpuMeter{sinkPID: sinkPID}
-	if d != nil && m.kind != kindDirect {
-		cm.iapdPID = d.pid
+	switch {
+	case m.kind == kindDirect:
+	case m.peer != nil:
+		cm.proxyCPU = m.peer.cpu
+	case d != nil:
+		cm.proxyCPU = func() (time.Duration, error) { return processCPU(d.pid) }
 	}
 	var err error
 	cm.start, err = cm.read()
@@ -125,8 +131,8 @@ func (cm *cpuMeter) read() (cpuUse, error) {
 	if u.sink, err = processCPU(cm.sinkPID); err != nil {
 		return u, err
 	}
-	if cm.iapdPID != 0 {
-		if u.iapd, err = processCPU(cm.iapdPID); err != nil {
+	if cm.proxyCPU != nil {
+		if u.proxy, err = cm.proxyCPU(); err != nil {
 			return u, err
 		}
 	}
@@ -140,7 +146,7 @@ func (cm *cpuMeter) stop() (cpuUse, error) {
 		return cpuUse{}, err
 	}
 	return cpuUse{
-		iapd:   now.iapd - cm.start.iapd,
+		proxy:  now.proxy - cm.start.proxy,
 		client: now.client - cm.start.client,
 		sink:   now.sink - cm.start.sink,
 	}, nil

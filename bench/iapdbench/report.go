@@ -90,9 +90,10 @@ func sections() []section {
 	for _, m := range proxyModes() {
 		relayColumns = append(relayColumns, m.Name)
 	}
+	relayColumns = append(relayColumns, peerNames()...)
 	return []section{
-		{key: sectionRelay, title: "Relay: direct and through iapd (in brackets: ratio to direct)", columns: relayColumns, baseline: "direct"},
-		{key: sectionMemory, title: "iapd memory with idle tunnels", columns: memoryModes},
+		{key: sectionRelay, title: "Relay: direct, through iapd and through peer proxies (in brackets: ratio to direct)", columns: relayColumns, baseline: "direct"},
+		{key: sectionMemory, title: "Memory with idle tunnels: iapd and peer proxies", columns: memoryColumns()},
 		{key: sectionScaleTunnels, title: "SOCKS5 through iapd with idle tunnels open; column: tunnels (in brackets: ratio to 1 tunnel)", columns: scaleSteps, baseline: "1"},
 		{key: sectionScaleStreams, title: "Bulk throughput with parallel streams (in brackets: ratio to direct)", columns: scaleStreamModes, baseline: "direct"},
 		{key: sectionDNS, title: "Resolver of package dns against Go's net.Resolver, which has no cache (in brackets: ratio to net.Resolver)", columns: []string{columnOwnResolver, columnGoResolver}, baseline: columnGoResolver},
@@ -230,8 +231,13 @@ func (r *results) table() string {
 	for _, sec := range sections() {
 		var measures []string
 		units := map[string]string{}
+		used := map[string]bool{} // columns with figures; peers not run have none
 		for _, f := range r.Figures {
-			if f.Section == sec.key && !slices.Contains(measures, f.Measure) {
+			if f.Section != sec.key {
+				continue
+			}
+			used[f.Column] = true
+			if !slices.Contains(measures, f.Measure) {
 				measures = append(measures, f.Measure)
 				units[f.Measure] = f.Unit
 			}
@@ -239,17 +245,18 @@ func (r *results) table() string {
 		if len(measures) == 0 {
 			continue
 		}
+		columns := slices.DeleteFunc(slices.Clone(sec.columns), func(c string) bool { return !used[c] })
 
 		fmt.Fprintf(&b, "\n%s\n", sec.title)
 		tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight|tabwriter.Debug)
 		fmt.Fprintf(tw, "measure\tunit\t")
-		for _, c := range sec.columns {
+		for _, c := range columns {
 			fmt.Fprintf(tw, "%s\t", c)
 		}
 		fmt.Fprintln(tw)
 		for _, m := range measures {
 			fmt.Fprintf(tw, "%s\t%s\t", m, units[m])
-			for _, c := range sec.columns {
+			for _, c := range columns {
 				fmt.Fprintf(tw, "%s\t", formatCell(r.lookup(sec.key, m, c)))
 			}
 			fmt.Fprintln(tw)
