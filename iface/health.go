@@ -55,8 +55,11 @@ type Health struct {
 	// one access point in the order they happened.
 	updateMu sync.Mutex
 
-	mu        sync.Mutex // protects everything below
-	aps       map[*policy.AccessPoint]*apHealth
+	mu  sync.Mutex // protects everything below
+	aps map[*policy.AccessPoint]*apHealth
+	// prev is aps of the policy before the last Update, for plans made
+	// with its apps while a reload swaps the policy.
+	prev      map[*policy.AccessPoint]*apHealth
 	callbacks map[int]func(Change)
 	nextID    int
 	closed    bool
@@ -143,11 +146,15 @@ func NewHealth(cfg HealthConfig) *Health {
 }
 
 // Status returns ap's status now. It implements the access point part of
-// policy.Conditions. An access point outside the policy is not usable.
+// policy.Conditions. An access point of neither the policy nor the one
+// before the last Update is not usable.
 func (h *Health) Status(ap *policy.AccessPoint) policy.Status {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	st, ok := h.aps[ap]
+	if !ok {
+		st, ok = h.prev[ap]
+	}
 	if !ok {
 		return policy.Status{Reason: fmt.Sprintf("access point %q is not in the policy", ap.Name)}
 	}
@@ -209,7 +216,11 @@ func (h *Health) DialFailed(ap *policy.AccessPoint, err error) {
 // Update switches h to p, a reloaded policy. An access point that keeps its
 // name, interface and probe keeps its status and probe results, so that
 // the reload alone reports no change of it. The others start afresh, as
-// at NewHealth, and the probes of removed ones stop.
+// at NewHealth, and the probes of removed ones stop. Until the next
+// Update, Status still returns the status of the previous policy's access
+// points, because a reload swaps the policy in the proxy and the DNS
+// listeners a moment after h. Those that carried over follow their new
+// state, and the others keep their last one.
 func (h *Health) Update(p *policy.Policy) {
 	h.probesMu.Lock()
 	defer h.probesMu.Unlock()
@@ -232,7 +243,7 @@ func (h *Health) Update(p *policy.Policy) {
 		aps[ap] = &apHealth{kick: make(chan struct{}, 1)}
 	}
 	h.cfg.Policy = p
-	h.aps = aps
+	h.prev, h.aps = h.aps, aps
 	h.mu.Unlock()
 
 	// The probers of the previous policy hold its access points; those
