@@ -249,6 +249,25 @@ func TestReloadReportsProblems(t *testing.T) {
 	}
 }
 
+func TestReloadReportsOtherError(t *testing.T) {
+	d := &fakeDaemon{p: parseTestPolicy(t)}
+	d.reloadErr = errors.New("opening listener 127.0.0.1:1080: address already in use")
+	_, c, _ := startControl(t, d)
+
+	_, err := c.Reload(context.Background())
+	var apiErr *APIError
+	if !errors.As(err, &apiErr) {
+		t.Fatalf("Reload = %v, want an APIError", err)
+	}
+	want := "reload rejected; iapd keeps serving the policy it had: opening listener 127.0.0.1:1080: address already in use"
+	if apiErr.StatusCode != 422 || apiErr.Error() != want {
+		t.Errorf("Reload error = %d %q, want 422 %q", apiErr.StatusCode, apiErr.Error(), want)
+	}
+	if len(apiErr.Problems) != 0 {
+		t.Errorf("problems = %+v, want none", apiErr.Problems)
+	}
+}
+
 func TestEventStream(t *testing.T) {
 	_, c, bus := startControl(t, &fakeDaemon{p: parseTestPolicy(t)})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

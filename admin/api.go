@@ -125,12 +125,17 @@ type Conn struct {
 
 // ReloadReport is the document of a successful POST /v1/reload.
 type ReloadReport struct {
-	Policy            PolicyStatus `json:"policy"`
-	Changed           bool         `json:"changed"` // false when the file's hash is the same
-	ListenersKept     []string     `json:"listeners_kept"`
-	ListenersAdded    []string     `json:"listeners_added"`
-	ListenersRemoved  []string     `json:"listeners_removed"`
-	ConnectionsClosed int          `json:"connections_closed"` // over access points that changed or went away
+	Policy           PolicyStatus `json:"policy"`
+	Changed          bool         `json:"changed"` // false when the file's hash is the same
+	ListenersKept    []string     `json:"listeners_kept"`
+	ListenersAdded   []string     `json:"listeners_added"`
+	ListenersRemoved []string     `json:"listeners_removed"`
+	// DNS listeners by address (dns_listen). A kept one may answer for
+	// another app than before.
+	DNSListenersKept    []string `json:"dns_listeners_kept"`
+	DNSListenersAdded   []string `json:"dns_listeners_added"`
+	DNSListenersRemoved []string `json:"dns_listeners_removed"`
+	ConnectionsClosed   int      `json:"connections_closed"` // over access points that changed or went away
 }
 
 // ErrorResponse is the document of every failed request.
@@ -355,7 +360,7 @@ func (s *Server) handleReload(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	resp := ErrorResponse{Error: err.Error()}
+	resp := ErrorResponse{Error: "reload rejected; iapd keeps serving the policy it had: " + err.Error()}
 	var list policy.ErrorList
 	if errors.As(err, &list) {
 		resp.Error = fmt.Sprintf("policy rejected with %d problem(s); iapd keeps serving the policy it had", len(list))

@@ -3,12 +3,12 @@ package dns
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	dnsmsg "github.com/miekg/dns"
@@ -73,7 +73,7 @@ func (r *Resolver) exchangeSystem(ctx context.Context, name string, qtype uint16
 // name that the app's policy rejects.
 var ErrRefused = errors.New("dns: refused by policy")
 
-// ListenerConfig configures NewListener.
+// ListenerConfig configures NewListener and Listener.Update.
 type ListenerConfig struct {
 	// App names the app the listener answers for, in logs.
 	App string
@@ -97,15 +97,27 @@ type ListenerConfig struct {
 // proxied connections, and no name reaches servers its routes do not
 // send it to. Create it with NewListener; it is safe for concurrent use.
 type Listener struct {
-	cfg     ListenerConfig
-	log     *slog.Logger
+	state   atomic.Pointer[listenerState] // replaced by Update
 	servers []*dnsmsg.Server
 	wg      sync.WaitGroup
+}
+
+// listenerState is what a Listener answers with: its configuration and
+// the logger that names its app.
+type listenerState struct {
+	cfg ListenerConfig
+	log *slog.Logger
 }
 
 // NewListener returns a listener that answers as cfg says. It panics when
 // cfg.Route is nil.
 func NewListener(cfg ListenerConfig) *Listener {
+	l := &Listener{}
+	l.state.Store(newListenerState(cfg))
+	return l
+}
+
+func newListenerState(cfg ListenerConfig) *listenerState {
 	if cfg.Route == nil {
 		panic("dns.NewListener: nil Route")
 	}
@@ -116,22 +128,23 @@ func NewListener(cfg ListenerConfig) *Listener {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Listener{cfg: cfg, log: log.With(logkey.Component, "dns-listener", logkey.App, cfg.App)}
+	return &listenerState{cfg: cfg, log: log.With(logkey.Component, "dns-listener", logkey.App, cfg.App)}
 }
 
-// ListenAndServe opens address (host:port on loopback) over UDP and TCP
-// and serves both until Close. It returns once both are ready, or with the
-// error of opening either.
-func (l *Listener) ListenAndServe(address string) error {
-	pc, err := net.ListenPacket("udp", address)
-	if err != nil {
-		return fmt.Errorf("opening DNS listener %s: %w", address, err)
-	}
-	ln, err := net.Listen("tcp", address)
-	if err != nil {
-		pc.Close()
-		return fmt.Errorf("opening DNS listener %s: %w", address, err)
-	}
+// Update makes l answer as cfg says from the next query on, so that its
+// sockets can pass to another app or policy without closing. Queries
+// already being answered finish with the configuration they started with.
+// It panics when cfg.Route is nil.
+func (l *Listener) Update(cfg ListenerConfig) {
+	l.state.Store(newListenerState(cfg))
+}
+
+// Serve answers queries that arrive on pc (UDP) and ln (TCP), which l
+// owns from now on, until Close. Unlike most Serve methods it returns at
+// once, when both sockets are being served. Call it once.
+func (l *Listener) Serve(pc net.PacketConn, ln net.Listener) {
+	address := ln.Addr().String()
+	log := l.state.Load().log
 	l.servers = []*dnsmsg.Server{
 		{PacketConn: pc, Handler: l},
 		{Listener: ln, Handler: l},
@@ -139,20 +152,27 @@ func (l *Listener) ListenAndServe(address string) error {
 	for _, srv := range l.servers {
 		started := make(chan struct{})
 		srv.NotifyStartedFunc = func() { close(started) }
+		stopped := make(chan struct{})
 		l.wg.Add(1)
 		go func() {
 			defer l.wg.Done()
+			defer close(stopped)
 			if err := srv.ActivateAndServe(); err != nil {
-				l.log.Warn("DNS listener stopped", "address", address, logkey.Err, err)
+				l.state.Load().log.Warn("DNS listener stopped", "address", address, logkey.Err, err)
 			}
 		}()
-		<-started
+		// A server that fails before it starts never calls
+		// NotifyStartedFunc.
+		select {
+		case <-started:
+		case <-stopped:
+		}
 	}
-	l.log.Info("DNS listener ready", "address", address)
-	return nil
+	log.Info("DNS listener ready", "address", address)
 }
 
-// Close stops serving and waits for the servers to end.
+// Close stops serving, waits for the queries being answered and closes
+// the sockets.
 func (l *Listener) Close() error {
 	var errs []error
 	for _, srv := range l.servers {
@@ -168,11 +188,12 @@ func (l *Listener) Close() error {
 func (l *Listener) ServeDNS(w dnsmsg.ResponseWriter, req *dnsmsg.Msg) {
 	resp := l.answer(req)
 	if err := w.WriteMsg(resp); err != nil {
-		l.log.Debug("writing DNS reply failed", logkey.Err, err)
+		l.state.Load().log.Debug("writing DNS reply failed", logkey.Err, err)
 	}
 }
 
 func (l *Listener) answer(req *dnsmsg.Msg) *dnsmsg.Msg {
+	st := l.state.Load()
 	resp := new(dnsmsg.Msg)
 	resp.SetReply(req)
 	resp.RecursionAvailable = true
@@ -190,17 +211,17 @@ func (l *Listener) answer(req *dnsmsg.Msg) *dnsmsg.Msg {
 	if addr, ok := reverseAddr(key); ok {
 		key = addr.String()
 	}
-	resolvers, names, err := l.cfg.Route(key)
+	resolvers, names, err := st.cfg.Route(key)
 	if err != nil {
 		resp.Rcode = dnsmsg.RcodeServerFailure
 		if errors.Is(err, ErrRefused) {
 			resp.Rcode = dnsmsg.RcodeRefused
 		}
-		l.log.Info("DNS query not answered", logkey.Target, q.Name, "type", dnsmsg.TypeToString[q.Qtype], logkey.Err, err)
+		st.log.Info("DNS query not answered", logkey.Target, q.Name, "type", dnsmsg.TypeToString[q.Qtype], logkey.Err, err)
 		return resp
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), st.cfg.Timeout)
 	defer cancel()
 	var errs []error
 	for i, r := range resolvers {
@@ -209,7 +230,7 @@ func (l *Listener) answer(req *dnsmsg.Msg) *dnsmsg.Msg {
 			errs = append(errs, err)
 			continue
 		}
-		l.log.Debug("DNS query answered", logkey.Target, q.Name, "type", dnsmsg.TypeToString[q.Qtype],
+		st.log.Debug("DNS query answered", logkey.Target, q.Name, "type", dnsmsg.TypeToString[q.Qtype],
 			logkey.AccessPoint, names[i], "rcode", dnsmsg.RcodeToString[up.Rcode])
 		resp.Rcode = up.Rcode
 		resp.Answer = up.Answer
@@ -221,7 +242,7 @@ func (l *Listener) answer(req *dnsmsg.Msg) *dnsmsg.Msg {
 		}
 		return resp
 	}
-	l.log.Info("DNS query failed", logkey.Target, q.Name, "type", dnsmsg.TypeToString[q.Qtype], logkey.Err, errors.Join(errs...))
+	st.log.Info("DNS query failed", logkey.Target, q.Name, "type", dnsmsg.TypeToString[q.Qtype], logkey.Err, errors.Join(errs...))
 	resp.Rcode = dnsmsg.RcodeServerFailure
 	return resp
 }

@@ -34,7 +34,7 @@ func validateListeners(errs *ErrorList, listeners []*rawListener) {
 		// collide.
 		if l.listenOK && l.listenPort != 0 {
 			for j, other := range listeners[:i] {
-				if other.listenOK && other.listenPort == l.listenPort && listenOverlaps(l.listenAddr, other.listenAddr) {
+				if other.listenOK && other.listenPort == l.listenPort && ListenOverlaps(l.listenAddr, other.listenAddr) {
 					errs.add(l.Listen.Pos, path+".listen", "address %s overlaps listeners[%d].listen %s (line %d); each listener needs its own address and port",
 						l.Listen.Value, j, other.Listen.Value, other.Listen.Pos.Line)
 					break
@@ -69,11 +69,11 @@ func isLoopbackListen(addr netip.Addr) bool {
 	return addr.IsValid() && addr.IsLoopback()
 }
 
-// listenOverlaps reports whether listening on a and b with the same port
+// ListenOverlaps reports whether listening on a and b with the same port
 // would collide on Linux. An invalid Addr stands for an empty host, which
 // listens on every address of both families, as "::" does; "0.0.0.0"
 // covers every IPv4 address.
-func listenOverlaps(a, b netip.Addr) bool {
+func ListenOverlaps(a, b netip.Addr) bool {
 	isAll := func(x netip.Addr) bool { return !x.IsValid() || x.Is6() && x.IsUnspecified() }
 	isAny4 := func(x netip.Addr) bool { return x.Is4() && x.IsUnspecified() }
 	switch {
@@ -214,7 +214,7 @@ func validateDNSListeners(errs *ErrorList, raw *rawPolicy) {
 		seen[a.dnsListenAddr] = first{path: path, line: a.DNSListen.Pos.Line}
 
 		for i, l := range raw.Listeners {
-			if l.listenOK && l.listenPort == a.dnsListenAddr.Port() && listenOverlaps(l.listenAddr, a.dnsListenAddr.Addr()) {
+			if l.listenOK && l.listenPort == a.dnsListenAddr.Port() && ListenOverlaps(l.listenAddr, a.dnsListenAddr.Addr()) {
 				errs.add(a.DNSListen.Pos, path, "address %s overlaps listeners[%d].listen %s (line %d), and DNS listens on TCP as well; choose another port",
 					a.DNSListen.Value, i, l.Listen.Value, l.Listen.Pos.Line)
 				break

@@ -22,5 +22,5 @@ const (
 // are set there once instead of with four setsockopt(2) calls on every
 // accepted connection; see tcp(7) and socket(7).
 func Listen(ctx context.Context, address string) (net.Listener, error) {
-	return listenConfig().Listen(ctx, "tcp", address)
+	return ListenConfig().Listen(ctx, "tcp", address)
 }

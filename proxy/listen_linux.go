@@ -6,9 +6,11 @@ import (
 	"syscall"
 )
 
-// listenConfig sets keep-alive on the listening socket, which accepted
-// sockets inherit on Linux, and turns off Go's setting of it on each.
-func listenConfig() *net.ListenConfig {
+// ListenConfig returns the configuration that Listen opens sockets with,
+// for callers that add options of their own to its Control. It sets
+// keep-alive on the listening socket, which accepted sockets inherit on
+// Linux, and turns off Go's setting of it on each.
+func ListenConfig() *net.ListenConfig {
 	return &net.ListenConfig{
 		KeepAlive: -1,
 		Control: func(_, _ string, c syscall.RawConn) error {

@@ -335,9 +335,15 @@ func reloadCommand(args []string, stdout, stderr io.Writer) error {
 	if !report.Changed {
 		changed = "unchanged"
 	}
-	fmt.Fprintf(stdout, "reloaded %s (sha256 %s, %s): listeners %d kept, %d added, %d removed; %d connection(s) closed\n",
+	// DNS listeners are named only where the policy has or had some.
+	dnsListeners := ""
+	if n := len(report.DNSListenersKept) + len(report.DNSListenersAdded) + len(report.DNSListenersRemoved); n > 0 {
+		dnsListeners = fmt.Sprintf("; DNS listeners %d kept, %d added, %d removed",
+			len(report.DNSListenersKept), len(report.DNSListenersAdded), len(report.DNSListenersRemoved))
+	}
+	fmt.Fprintf(stdout, "reloaded %s (sha256 %s, %s): listeners %d kept, %d added, %d removed%s; %d connection(s) closed\n",
 		report.Policy.Path, shortHash(report.Policy.Hash), changed,
-		len(report.ListenersKept), len(report.ListenersAdded), len(report.ListenersRemoved), report.ConnectionsClosed)
+		len(report.ListenersKept), len(report.ListenersAdded), len(report.ListenersRemoved), dnsListeners, report.ConnectionsClosed)
 	return nil
 }
 

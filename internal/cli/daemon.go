@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"iapd/admin"
-	"iapd/dns"
 	"iapd/iface"
 	"iapd/internal/event"
 	"iapd/internal/logkey"
@@ -27,28 +26,28 @@ import (
 // manager, the proxy with its listeners, and the control API. It
 // implements admin.Daemon.
 type daemon struct {
-	logger       *slog.Logger
-	started      time.Time
-	bus          *event.Bus
-	links        *iface.Manager
-	network      *network
-	health       *iface.Health
-	supervisor   *supervisor
-	dnsListeners []*dns.Listener // per-app DNS listeners, opened at start
-	proxy        *proxy.Server
-	usage        *admin.Usage
-	metrics      *admin.Metrics
-	watcher      *admin.Watcher
-	admin        *admin.Server
-	socket       string // path of the control socket; "" when there is none
+	logger     *slog.Logger
+	started    time.Time
+	bus        *event.Bus
+	links      *iface.Manager
+	network    *network
+	health     *iface.Health
+	supervisor *supervisor
+	proxy      *proxy.Server
+	usage      *admin.Usage
+	metrics    *admin.Metrics
+	watcher    *admin.Watcher
+	admin      *admin.Server
+	socket     string // path of the control socket; "" when there is none
 
 	pol atomic.Pointer[policy.Policy]
 
-	reloadMu  sync.Mutex      // serializes reloads and protects the fields below
-	listeners []*openListener // in the order of the policy's listeners
-	web       net.Listener    // the control HTTP listener; nil when there is none
-	webAddr   string          // control.http that web was opened for
-	serving   sync.WaitGroup  // goroutines serving listeners
+	reloadMu     sync.Mutex         // serializes reloads and protects the fields below
+	listeners    []*openListener    // in the order of the policy's listeners
+	dnsListeners []*openDNSListener // by app name
+	web          net.Listener       // the control HTTP listener; nil when there is none
+	webAddr      string             // control.http that web was opened for
+	serving      sync.WaitGroup     // goroutines serving listeners
 }
 
 // openListener is a policy listener and the socket it accepts on.
@@ -97,10 +96,6 @@ func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (_
 	d.usage = admin.NewUsage(d.proxy.Conns)
 	d.metrics = admin.NewMetrics(d, d.usage, d.bus, Version)
 	d.network = newNetwork(pol, d.links, d.metrics, logger)
-	d.dnsListeners, err = startDNSListeners(pol, d.network, func(name string) *policy.App { return d.Policy().Apps[name] }, logger)
-	if err != nil {
-		return nil, err
-	}
 	d.health = d.network.startHealth(pol, d.proxy.DialGateway, logger)
 
 	// Events flow from here on: interface changes from the monitor, and
@@ -113,15 +108,17 @@ func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (_
 	d.supervisor.evaluate()
 	logUsability(logger, pol, d.health)
 
-	// Every socket is opened before any is served, so that a busy port
-	// stops the start instead of leaving a half-running daemon.
-	for _, l := range pol.Listeners {
-		ln, err := proxy.Listen(context.Background(), l.Listen)
-		if err != nil {
-			return nil, fmt.Errorf("opening listener %s: %w", l.Listen, err)
-		}
-		d.listeners = append(d.listeners, &openListener{l: l, ln: ln, key: listenKey(l.Listen)})
+	// Every socket, proxy and DNS, is opened before any is served, so that
+	// a busy port stops the start instead of leaving a half-running daemon.
+	// A reload that the control API takes in meanwhile waits until they
+	// are served. The lock is released before d.close runs on an error.
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
+	plan := planListeners(nil, nil, pol, logger)
+	if err := plan.open(); err != nil {
+		return nil, err
 	}
+	d.listeners, d.dnsListeners = plan.next, plan.dnsNext
 	d.admin = admin.New(admin.Config{
 		Daemon:  d,
 		Bus:     d.bus,
@@ -138,9 +135,7 @@ func startDaemon(pol *policy.Policy, opts daemonOptions, logger *slog.Logger) (_
 		return nil, err
 	}
 
-	for _, ol := range d.listeners {
-		d.serve(ol)
-	}
+	plan.apply(d, &admin.ReloadReport{})
 	return d, nil
 }
 
@@ -233,9 +228,6 @@ func (d *daemon) close() {
 	if d.proxy != nil {
 		d.proxy.Close()
 	}
-	for _, dl := range d.dnsListeners {
-		dl.Close()
-	}
 	if d.network != nil {
 		d.network.close()
 	}
@@ -245,6 +237,9 @@ func (d *daemon) close() {
 	d.reloadMu.Lock()
 	for _, ol := range d.listeners {
 		ol.ln.Close()
+	}
+	for _, od := range d.dnsListeners {
+		od.close()
 	}
 	if d.web != nil {
 		d.web.Close()
@@ -283,7 +278,8 @@ func (d *daemon) Reload() (*admin.ReloadReport, error) {
 	}
 	d.logger.Info("policy reloaded", "policy", report.Policy.Path, "hash", shortHash(report.Policy.Hash),
 		"changed", report.Changed, "listeners_added", len(report.ListenersAdded),
-		"listeners_removed", len(report.ListenersRemoved), "connections_closed", report.ConnectionsClosed)
+		"listeners_removed", len(report.ListenersRemoved), "dns_listeners_added", len(report.DNSListenersAdded),
+		"dns_listeners_removed", len(report.DNSListenersRemoved), "connections_closed", report.ConnectionsClosed)
 	d.bus.Publish(event.Event{Kind: event.PolicyReloaded, Reason: "sha256 " + shortHash(report.Policy.Hash)})
 	return report, nil
 }

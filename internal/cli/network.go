@@ -322,45 +322,15 @@ func (n *network) resolveRoute(app *policy.App, key string) ([]*dns.Resolver, []
 	return resolvers, names, nil
 }
 
-// startDNSListeners opens the DNS listener of every app of pol that has
-// one. appOf returns the app of that name in the policy in force, so that
-// a reload changes the routes a listener answers with. On an error it
-// closes those already open.
-//
-// TODO: a reload does not open, close or move DNS listeners; an app that
-// gains, loses or changes dns_listen needs a restart.
-func startDNSListeners(pol *policy.Policy, n *network, appOf func(string) *policy.App, logger *slog.Logger) ([]*dns.Listener, error) {
-	var listeners []*dns.Listener
-	names := make([]string, 0, len(pol.Apps))
-	for name := range pol.Apps {
-		names = append(names, name)
+// dnsListenerConfig returns the configuration of the DNS listener of app,
+// which answers with app's routes. A reload passes a kept listener the
+// new policy's app with dns.Listener.Update.
+func (n *network) dnsListenerConfig(app *policy.App) dns.ListenerConfig {
+	return dns.ListenerConfig{
+		App:    app.Name,
+		Route:  func(key string) ([]*dns.Resolver, []string, error) { return n.resolveRoute(app, key) },
+		Logger: n.logger,
 	}
-	slices.Sort(names)
-	for _, name := range names {
-		app := pol.Apps[name]
-		if app.DNSListen == "" {
-			continue
-		}
-		dl := dns.NewListener(dns.ListenerConfig{
-			App: app.Name,
-			Route: func(key string) ([]*dns.Resolver, []string, error) {
-				cur := appOf(name)
-				if cur == nil {
-					return nil, nil, fmt.Errorf("%w: app %s is no longer in the policy", dns.ErrRefused, name)
-				}
-				return n.resolveRoute(cur, key)
-			},
-			Logger: logger,
-		})
-		if err := dl.ListenAndServe(app.DNSListen); err != nil {
-			for _, l := range listeners {
-				l.Close()
-			}
-			return nil, fmt.Errorf("app %s: %w", app.Name, err)
-		}
-		listeners = append(listeners, dl)
-	}
-	return listeners, nil
 }
 
 // conditions is the daemon's policy.Conditions for one policy: the health

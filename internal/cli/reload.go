@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -12,16 +11,15 @@ import (
 
 	"iapd/admin"
 	"iapd/internal/event"
-	"iapd/internal/logkey"
 	"iapd/policy"
-	"iapd/proxy"
 )
 
 // reloadLocked loads the policy file and applies it in two phases. The
-// first checks everything and opens every new socket; when anything fails,
-// it closes what it opened and the running policy stays in place. The
-// second cannot fail: it swaps the policy into the interface manager,
-// resolvers and listeners. d.reloadMu must be held.
+// first checks everything and opens every new socket, proxy and DNS
+// listeners alike; when anything fails, it closes what it opened and the
+// running policy stays in place. The second cannot fail: it swaps the
+// policy into the interface manager, resolvers and listeners. d.reloadMu
+// must be held.
 func (d *daemon) reloadLocked() (*admin.ReloadReport, error) {
 	old := d.Policy()
 	p, err := policy.Load(old.Path)
@@ -32,7 +30,7 @@ func (d *daemon) reloadLocked() (*admin.ReloadReport, error) {
 		return nil, err
 	}
 
-	plan := planListeners(d.listeners, p)
+	plan := planListeners(d.listeners, d.dnsListeners, p, d.logger)
 	if err := plan.open(); err != nil {
 		return nil, err
 	}
@@ -58,13 +56,16 @@ func (d *daemon) reloadLocked() (*admin.ReloadReport, error) {
 	d.proxy.SetLimits(p.Limits)
 	d.pol.Store(p)
 	report := &admin.ReloadReport{
-		Policy:           admin.PolicyStatus{Path: p.Path, Hash: p.Hash},
-		Changed:          p.Hash != old.Hash,
-		ListenersKept:    []string{},
-		ListenersAdded:   []string{},
-		ListenersRemoved: []string{},
+		Policy:              admin.PolicyStatus{Path: p.Path, Hash: p.Hash},
+		Changed:             p.Hash != old.Hash,
+		ListenersKept:       []string{},
+		ListenersAdded:      []string{},
+		ListenersRemoved:    []string{},
+		DNSListenersKept:    []string{},
+		DNSListenersAdded:   []string{},
+		DNSListenersRemoved: []string{},
 	}
-	d.listeners = plan.apply(d, report)
+	plan.apply(d, report)
 	if p.Control.HTTP != d.webAddr {
 		d.swapWeb(web, p.Control.HTTP)
 	}
@@ -80,92 +81,6 @@ func checkControlUnchanged(old, p *policy.Policy) error {
 		return errors.New("control.socket or control.socket_mode changed: restart iapd to move the control socket")
 	}
 	return nil
-}
-
-// listenerPlan is the change a reload makes to the listeners: the sockets
-// that stay with a new policy listener, those that close and those that open.
-type listenerPlan struct {
-	next    []*openListener // the new policy's listeners, in its order
-	added   []*openListener // of next, those whose sockets are new
-	removed []*openListener // old listeners that no new one matches
-}
-
-// planListeners matches the listeners of p with the open ones by address.
-// Listeners with the same address are matched in order, which pairs
-// several port-0 listeners on one host up one to one.
-func planListeners(open []*openListener, p *policy.Policy) *listenerPlan {
-	plan := &listenerPlan{}
-	free := slices.Clone(open)
-	for _, l := range p.Listeners {
-		key := listenKey(l.Listen)
-		i := slices.IndexFunc(free, func(ol *openListener) bool { return ol != nil && ol.key == key })
-		if i < 0 {
-			ol := &openListener{l: l, key: key}
-			plan.next = append(plan.next, ol)
-			plan.added = append(plan.added, ol)
-			continue
-		}
-		plan.next = append(plan.next, &openListener{l: l, ln: free[i].ln, key: key})
-		free[i] = nil
-	}
-	for _, ol := range free {
-		if ol != nil {
-			plan.removed = append(plan.removed, ol)
-		}
-	}
-	return plan
-}
-
-// open opens the sockets of the added listeners, or none of them.
-//
-// TODO: a listener that moves to an address overlapping a removed one
-// (127.0.0.1:1080 to 0.0.0.0:1080) fails to open while the old socket is
-// still open, so such a change is rejected and needs a restart.
-func (plan *listenerPlan) open() error {
-	for _, ol := range plan.added {
-		ln, err := proxy.Listen(context.Background(), ol.l.Listen)
-		if err != nil {
-			plan.abort()
-			return fmt.Errorf("opening listener %s: %w", ol.l.Listen, err)
-		}
-		ol.ln = ln
-	}
-	return nil
-}
-
-// abort closes the sockets that open opened.
-func (plan *listenerPlan) abort() {
-	for _, ol := range plan.added {
-		if ol.ln != nil {
-			ol.ln.Close()
-			ol.ln = nil
-		}
-	}
-}
-
-// apply hands the kept sockets their new policy listeners, serves the
-// added ones and retires the removed ones, whose connections drain. It
-// returns the listeners now open.
-func (plan *listenerPlan) apply(d *daemon, report *admin.ReloadReport) []*openListener {
-	for _, ol := range plan.next {
-		if slices.Contains(plan.added, ol) {
-			d.serve(ol)
-			report.ListenersAdded = append(report.ListenersAdded, ol.l.Listen)
-			continue
-		}
-		if err := d.proxy.Update(ol.ln, ol.l); err != nil {
-			// The socket is open and served, so this is a programming error.
-			d.logger.Error("updating listener failed", logkey.Listener, ol.l.Listen, logkey.Err, err, "unexpected", true)
-		}
-		report.ListenersKept = append(report.ListenersKept, ol.l.Listen)
-	}
-	for _, ol := range plan.removed {
-		if err := d.proxy.Retire(ol.ln); err != nil {
-			d.logger.Error("retiring listener failed", logkey.Listener, ol.l.Listen, logkey.Err, err)
-		}
-		report.ListenersRemoved = append(report.ListenersRemoved, ol.l.Listen)
-	}
-	return plan.next
 }
 
 // closeChangedAccessPoints closes the connections over access points that
