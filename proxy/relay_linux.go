@@ -118,16 +118,32 @@ func (pp *pipePool) discard(p *relayPipe) {
 	pp.open.Add(-1)
 }
 
-// spliceCopy copies from src to dst with splice(2) until src ends, adding
-// the bytes to count as they leave for dst. It reports handled false when
-// it stops with no byte lost and the caller should copy the rest through a
-// buffer: when the kernel cannot splice these sockets, or when no pipe can
-// be had (out of file descriptors).
+// smallCopySize is the size of the buffer through which a direction
+// copies until one read fills it. Small pieces (handshakes, requests,
+// interactive traffic) cost less to read and write than to splice through
+// a pipe. A full read marks a bulk transfer, which splices from then on.
+const smallCopySize = 16 << 10
+
+// relayBytes counts the bytes that directions copied with splice(2) between
+// two TCP sockets, and those they copied through the small buffer first.
+var relayBytes struct {
+	Spliced atomic.Int64
+	Copied  atomic.Int64
+}
+
+var smallBuffers = sync.Pool{New: func() any { return new([smallCopySize]byte) }}
+
+// spliceCopy copies from src to dst until src ends, adding the bytes to
+// count as they leave for dst: through a small buffer at first, and with
+// splice(2) once the bytes come in bulk. It reports handled false when it
+// stops with no byte lost and the caller should copy the rest through a
+// buffer of its own: when no pipe can be had (out of file descriptors), or
+// when the kernel cannot splice these sockets before any byte has moved.
 //
-// It waits for src to become readable without holding a pipe: the first
-// splice after a wake-up takes one from the pool, and a splice that finds
-// nothing to read returns it before the goroutine parks in the runtime's
-// poller. An idle tunnel therefore holds no pipe.
+// It waits for src to become readable holding neither buffer nor pipe:
+// each read or splice after a wake-up takes one from its pool, and one that
+// finds nothing to read returns it before the goroutine parks in the
+// runtime's poller. An idle tunnel therefore holds neither.
 func spliceCopy(dst, src *net.TCPConn, count *atomic.Int64) (handled bool, err error) {
 	srcRaw, err := src.SyscallConn()
 	if err != nil {
@@ -147,14 +163,20 @@ func spliceCopy(dst, src *net.TCPConn, count *atomic.Int64) (handled bool, err e
 			return true, err
 		}
 		if s.err != nil {
-			// EINVAL before any byte moved means that splice does not
-			// work on these sockets; nothing was consumed.
+			// EINVAL means that splice does not work on these sockets;
+			// nothing was consumed.
 			if s.noPipe || errors.Is(s.err, syscall.EINVAL) && !s.moved {
 				return false, nil
 			}
+			if errors.Is(s.err, syscall.EINVAL) {
+				s.err, s.bulk, s.noSplice = nil, false, true
+				pipes.put(s.pipe) // empty: the failed splice moved nothing
+				s.pipe = nil
+				continue
+			}
 			return true, s.err
 		}
-		if s.inPipe == 0 {
+		if s.inPipe == 0 && len(s.pending) == 0 {
 			return true, nil // end of stream
 		}
 		s.moved = true
@@ -171,18 +193,29 @@ func spliceCopy(dst, src *net.TCPConn, count *atomic.Int64) (handled bool, err e
 // spliceState is one direction's progress, shared by the callbacks that
 // run under the sockets' read and write locks.
 type spliceState struct {
+	buf     *[smallCopySize]byte // held while bytes move by read and write; nil while waiting
+	pending []byte               // bytes read into buf and not yet written
+	bulk    bool                 // a read filled buf: splice from now on
+	// noSplice is set when splice(2) failed with EINVAL after bytes had
+	// moved through buf, so that the direction keeps to read and write.
+	noSplice bool
+
 	pipe   *relayPipe // held while bytes move; nil while waiting for data
 	inPipe int        // bytes spliced into pipe and not yet out of it
 	count  *atomic.Int64
-	err    error // error of the last splice or pipe creation
+	err    error // error of the last read, splice or pipe creation
 	noPipe bool  // err is from creating a pipe
 	moved  bool  // some bytes have been copied
 }
 
-// fill splices what src has received into the pipe. It returns false,
-// which parks the goroutine until src is readable, when there is nothing
-// to read; it then hands the pipe back first.
+// fill reads what src has received into the buffer or, in bulk, splices it
+// into the pipe. It returns false, which parks the goroutine until src is
+// readable, when there is nothing to read; it then hands the buffer or
+// pipe back first.
 func (s *spliceState) fill(fd uintptr) bool {
+	if !s.bulk {
+		return s.read(fd)
+	}
 	if s.pipe == nil {
 		p, err := pipes.get()
 		if err != nil {
@@ -209,15 +242,43 @@ func (s *spliceState) fill(fd uintptr) bool {
 	}
 }
 
-// drain splices the pipe's bytes out to dst. It returns false, which
-// parks the goroutine until dst is writable, when dst's send buffer is
-// full.
+// read reads what src has received into the buffer.
+func (s *spliceState) read(fd uintptr) bool {
+	if s.buf == nil {
+		s.buf = smallBuffers.Get().(*[smallCopySize]byte)
+	}
+	for {
+		n, err := unix.Read(int(fd), s.buf[:])
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			smallBuffers.Put(s.buf)
+			s.buf = nil
+			return false
+		case err != nil:
+			s.err = os.NewSyscallError("read", err)
+			return true
+		}
+		s.pending = s.buf[:n]
+		s.bulk = n == smallCopySize && !s.noSplice
+		return true
+	}
+}
+
+// drain writes the buffer's or splices the pipe's bytes out to dst. It
+// returns false, which parks the goroutine until dst is writable, when
+// dst's send buffer is full.
 func (s *spliceState) drain(fd uintptr) bool {
+	if s.buf != nil {
+		return s.write(fd)
+	}
 	for s.inPipe > 0 {
 		n, err := unix.Splice(s.pipe.r, nil, int(fd), nil, s.inPipe, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
 		if n > 0 {
 			s.inPipe -= int(n)
 			s.count.Add(n)
+			relayBytes.Spliced.Add(n)
 			continue
 		}
 		switch {
@@ -237,8 +298,41 @@ func (s *spliceState) drain(fd uintptr) bool {
 	return true
 }
 
-// release returns the pipe, or closes it when bytes are left in it.
+// write writes the buffer's bytes out to dst and hands the buffer back
+// once they have all left.
+func (s *spliceState) write(fd uintptr) bool {
+	for len(s.pending) > 0 {
+		n, err := unix.Write(int(fd), s.pending)
+		if n > 0 {
+			s.pending = s.pending[n:]
+			s.count.Add(int64(n))
+			relayBytes.Copied.Add(int64(n))
+			continue
+		}
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return false
+		case err != nil:
+			s.err = os.NewSyscallError("write", err)
+		default:
+			s.err = os.NewSyscallError("write", syscall.EIO)
+		}
+		return true
+	}
+	smallBuffers.Put(s.buf)
+	s.buf = nil
+	return true
+}
+
+// release returns the buffer and the pipe, or closes the pipe when bytes
+// are left in it.
 func (s *spliceState) release() {
+	if s.buf != nil {
+		smallBuffers.Put(s.buf)
+		s.buf, s.pending = nil, nil
+	}
 	if s.pipe == nil {
 		return
 	}

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"bytes"
+	"io"
 	"testing"
 	"time"
 )
@@ -53,5 +55,64 @@ func TestPipePoolClosesIdlePipes(t *testing.T) {
 	}
 	if timer != nil {
 		t.Error("the pool keeps a timer with no pipe to close")
+	}
+}
+
+// TestRelaySmallPiecesThenBulk checks that a tunnel copies small pieces
+// through the buffer, without a pipe, and splices once bytes come in bulk,
+// delivering every byte in order either way.
+func TestRelaySmallPiecesThenBulk(t *testing.T) {
+	target := startHoldServer(t)
+	_, addr := startServer(t, Config{Network: newFakeNetwork(t)}, testPolicy(t).Listeners[0])
+	c := openTunnel(t, addr, target.addr)
+	tc := target.accept(t)
+
+	splicedBefore, copiedBefore := relayBytes.Spliced.Load(), relayBytes.Copied.Load()
+	pipesBefore := pipes.open.Load()
+	const pieces, pieceSize = 20, 100
+	for i := range pieces {
+		piece := bytes.Repeat([]byte{byte(i)}, pieceSize)
+		if _, err := c.Write(piece); err != nil {
+			t.Fatalf("client writing piece %d: %v", i, err)
+		}
+		if got := readExactly(t, tc, pieceSize); !bytes.Equal(got, piece) {
+			t.Fatalf("target read piece %d as %v, want %v", i, got[:4], piece[:4])
+		}
+		if _, err := tc.Write(piece); err != nil {
+			t.Fatalf("target writing piece %d: %v", i, err)
+		}
+		if got := readExactly(t, c, pieceSize); !bytes.Equal(got, piece) {
+			t.Fatalf("client read piece %d as %v, want %v", i, got[:4], piece[:4])
+		}
+	}
+	if n := relayBytes.Copied.Load() - copiedBefore; n != 2*pieces*pieceSize {
+		t.Errorf("copied %d bytes through the buffer, want %d", n, 2*pieces*pieceSize)
+	}
+	if n := relayBytes.Spliced.Load() - splicedBefore; n != 0 {
+		t.Errorf("spliced %d bytes of small pieces, want 0", n)
+	}
+	if n := pipes.open.Load() - pipesBefore; n > 0 {
+		t.Errorf("small pieces opened %d pipes, want none", n)
+	}
+
+	payload := make([]byte, 8<<20)
+	for i := range payload {
+		payload[i] = byte(i * 13 / 7)
+	}
+	go tc.Write(payload)
+	got := make([]byte, len(payload))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("reading bulk through tunnel: %v", err)
+	}
+	if !bytes.Equal(got, payload) {
+		t.Fatal("tunnel delivered different bulk bytes than the target wrote")
+	}
+	spliced := relayBytes.Spliced.Load() - splicedBefore
+	copied := relayBytes.Copied.Load() - copiedBefore - 2*pieces*pieceSize
+	if spliced+copied != int64(len(payload)) {
+		t.Errorf("bulk moved %d spliced and %d copied bytes, want %d in all", spliced, copied, len(payload))
+	}
+	if spliced < int64(len(payload))/2 {
+		t.Errorf("bulk spliced only %d of %d bytes", spliced, len(payload))
 	}
 }

@@ -54,10 +54,9 @@ func (f *socks5Frontend) serveConn(c net.Conn) (relaying bool) {
 
 // serveSOCKS5 serves one client connection whose first byte has been
 // checked, until its tunnel is set up, and reports whether a relay now
-// owns the connection. The handshake deadline holds until the upstream is
-// dialled.
+// owns the connection. The handshake deadline that serveConn set holds
+// until the upstream is dialled.
 func (f *socks5Frontend) serveSOCKS5(c net.Conn) (relaying bool) {
-	c.SetDeadline(time.Now().Add(f.s.currentLimits().HandshakeTimeout))
 	sess := &socks5Session{f: f, client: newClientConn(c)}
 
 	// The library builds nothing costly, and a server per connection lets
