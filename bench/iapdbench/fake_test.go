@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(sinkChildEnv); mode != "" {
 		os.Exit(runSinkChild(mode))
 	}
+	if addr := os.Getenv(minimalProxyEnv); addr != "" {
+		os.Exit(runMinimalProxy(addr))
+	}
 	if os.Getenv(fakeIapdEnv) == "1" {
 		os.Exit(runFakeIapd(os.Args[1:]))
 	}

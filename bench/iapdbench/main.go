@@ -61,6 +61,9 @@ func main() {
 	if mode := os.Getenv(sinkChildEnv); mode != "" {
 		os.Exit(runSinkChild(mode))
 	}
+	if addr := os.Getenv(minimalProxyEnv); addr != "" {
+		os.Exit(runMinimalProxy(addr))
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 

@@ -21,15 +21,18 @@ type peerKind struct {
 	name    string // column of the table
 	program string // looked up in PATH, then in /usr/sbin
 	pkg     string // Debian package that installs program
+	self    bool   // the benchmark's own binary serves it (program and pkg are empty)
 	// args returns the command line that serves SOCKS5 on addr, writing
 	// any file it needs into dir.
 	args func(addr netip.AddrPort, dir string) ([]string, error)
 }
 
-// peerKinds are the peers iapdbench supports, in table order: microsocks, a
-// small proxy in C with a thread per connection, and Dante, a full SOCKS
-// server in C with pools of processes.
+// peerKinds are the peers iapdbench supports, in table order: the minimal
+// proxy in Go of runMinimalProxy, microsocks, a small proxy in C with a
+// thread per connection, and Dante, a full SOCKS server in C with pools of
+// processes.
 var peerKinds = []peerKind{
+	{name: "go-minimal", self: true, args: func(netip.AddrPort, string) ([]string, error) { return nil, nil }},
 	{name: "microsocks", program: "microsocks", pkg: "microsocks", args: microsocksArgs},
 	{name: "dante", program: "danted", pkg: "dante-server", args: danteArgs},
 }
@@ -136,6 +139,9 @@ func peerNames() []string {
 // path finds the peer's program; Debian installs danted in /usr/sbin,
 // which a non-root PATH often lacks.
 func (k peerKind) path() (string, error) {
+	if k.self {
+		return os.Executable()
+	}
 	if p, err := exec.LookPath(k.program); err == nil {
 		return p, nil
 	}
@@ -164,6 +170,9 @@ func startPeer(ctx context.Context, k peerKind, dir string) (*peer, error) {
 
 	p := &peer{kind: k, addr: ports[0], stderr: newTailBuffer(16 << 10), exited: make(chan struct{})}
 	p.cmd = exec.Command(path, args...)
+	if k.self {
+		p.cmd.Env = append(os.Environ(), minimalProxyEnv+"="+p.addr.String())
+	}
 	p.cmd.Stdout = p.stderr
 	p.cmd.Stderr = p.stderr
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

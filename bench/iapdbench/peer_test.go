@@ -19,7 +19,7 @@ func TestFindPeers(t *testing.T) {
 	}{
 		{name: "none", list: "none"},
 		{name: "empty", list: ""},
-		{name: "unknown name", list: "microsocks,squid", wantErr: `unknown peer "squid": use auto, none or a list of microsocks, dante`},
+		{name: "unknown name", list: "microsocks,squid", wantErr: `unknown peer "squid": use auto, none or a list of go-minimal, microsocks, dante`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -92,38 +92,42 @@ func TestReadTreeUsage(t *testing.T) {
 	}
 }
 
-// TestPeerMicrosocks runs the setup workload through microsocks, which
-// the test setup installs.
-func TestPeerMicrosocks(t *testing.T) {
-	kinds, _, err := findPeers("microsocks")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("microsocks not installed, which make setup-test installs: %v", err)
-		}
-		t.Skipf("microsocks not installed (make setup-test installs it): %v", err)
-	}
+// TestPeerSetup runs the setup workload through the minimal proxy and
+// through microsocks, which the test setup installs.
+func TestPeerSetup(t *testing.T) {
 	env, err := newEnvironment(endsCopy)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(env.close)
 
-	p, err := startPeer(context.Background(), kinds[0], env.dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(p.stop)
+	for _, name := range []string{"go-minimal", "microsocks"} {
+		t.Run(name, func(t *testing.T) {
+			kinds, _, err := findPeers(name)
+			if err != nil {
+				if os.Getenv("CI") == "true" {
+					t.Fatalf("%s not installed, which make setup-test installs: %v", name, err)
+				}
+				t.Skipf("%s not installed (make setup-test installs it): %v", name, err)
+			}
+			p, err := startPeer(context.Background(), kinds[0], env.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(p.stop)
 
-	m := p.mode()
-	cm, err := startCPUMeter(nil, m, env.sinkPID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sr := runSetup(context.Background(), clientFor(m, nil), env.sinks, 2, 200*time.Millisecond)
-	if sr.errors > 0 || sr.conns == 0 {
-		t.Fatalf("setup through microsocks: %d connections, %d errors (first: %v)", sr.conns, sr.errors, sr.firstErr)
-	}
-	if _, err := cm.stop(); err != nil {
-		t.Fatal(err)
+			m := p.mode()
+			cm, err := startCPUMeter(nil, m, env.sinkPID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sr := runSetup(context.Background(), clientFor(m, nil), env.sinks, 2, 200*time.Millisecond)
+			if sr.errors > 0 || sr.conns == 0 {
+				t.Fatalf("setup through %s: %d connections, %d errors (first: %v)", name, sr.conns, sr.errors, sr.firstErr)
+			}
+			if _, err := cm.stop(); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }
