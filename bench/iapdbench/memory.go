@@ -134,43 +134,59 @@ func measurePeerMemory(ctx context.Context, opts *options, env *environment, res
 			if err != nil {
 				return err
 			}
-			before, with, err := runPeerMemory(ctx, p, env, tunnels, opts.setupWorkers)
+			before, with, open, note, err := runPeerMemory(ctx, p, env, tunnels, opts.setupWorkers)
 			p.stop()
 			if err != nil {
-				return fmt.Errorf("memory run %d, peer %s: %w", r+1, k.name, err)
+				return fmt.Errorf("memory run %d, peer %s: %w; its output:\n%s", r+1, k.name, err, p.stderr.String())
+			}
+			if note != "" {
+				res.note("%s", note)
 			}
 
-			col, n := k.name, float64(tunnels)
-			addMemoryFigures(res, col, tunnels, before.mem, with.mem, with.files-before.files, with.threads)
+			col, n := k.name, float64(open)
+			addMemoryFigures(res, col, open, before.mem, with.mem, with.files-before.files, with.threads)
 			res.add(sectionMemory, "processes with tunnels", col, "", float64(with.processes))
 			progress("memory run %d/%d peer %s: %d tunnels, PSS %d -> %d KiB, %.1f KiB per tunnel",
-				r+1, opts.repeat, col, tunnels, before.mem.PSS, with.mem.PSS, float64(with.mem.PSS-before.mem.PSS)/n)
+				r+1, opts.repeat, col, open, before.mem.PSS, with.mem.PSS, float64(with.mem.PSS-before.mem.PSS)/n)
 		}
 	}
 	return nil
 }
 
-// runPeerMemory reads the peer's usage before and with the given number
-// of idle tunnels open.
-func runPeerMemory(ctx context.Context, p *peer, env *environment, tunnels, workers int) (before, with treeUsage, err error) {
+// runPeerMemory reads the peer's usage before and with up to want idle
+// tunnels open. A peer of one process gets as many as fit under its file
+// limit, as iapd does, and the note says so when that is fewer.
+func runPeerMemory(ctx context.Context, p *peer, env *environment, want, workers int) (before, with treeUsage, tunnels int, note string, err error) {
 	time.Sleep(settleTime)
-	if before, err = readTreeUsage(p.cmd.Process.Pid); err != nil {
-		return before, with, err
+	pid := p.cmd.Process.Pid
+	if before, err = readTreeUsage(pid); err != nil {
+		return before, with, 0, "", err
 	}
 
-	conns, err := openTunnels(ctx, clientFor(p.mode(), nil), env.sinks, tunnels, workers, nil)
+	c := clientFor(p.mode(), nil)
+	probe := min(probeTunnels, want)
+	conns, err := openTunnels(ctx, c, env.sinks, probe, workers, nil)
 	defer func() {
 		for _, conn := range conns {
 			conn.Close()
 		}
 	}()
 	if err != nil {
-		return before, with, err
+		return before, with, 0, "", err
+	}
+	tunnels = want
+	if before.processes == 1 {
+		if tunnels, note, err = fitTunnels(p.kind.name, pid, want, probe, before.files); err != nil {
+			return before, with, 0, "", err
+		}
+	}
+	if conns, err = openTunnels(ctx, c, env.sinks, tunnels-probe, workers, conns); err != nil {
+		return before, with, 0, "", err
 	}
 
 	time.Sleep(settleTime)
-	with, err = readTreeUsage(p.cmd.Process.Pid)
-	return before, with, err
+	with, err = readTreeUsage(pid)
+	return before, with, tunnels, note, err
 }
 
 func runMemory(ctx context.Context, d *iapd, env *environment, m mode, tunnels, workers int) (memorySample, error) {
@@ -200,7 +216,7 @@ func runMemory(ctx context.Context, d *iapd, env *environment, m mode, tunnels, 
 	if err != nil {
 		return s, err
 	}
-	if s.tunnels, s.note, err = fitTunnels(d.pid, tunnels, probe, s.filesBefore); err != nil {
+	if s.tunnels, s.note, err = fitTunnels("iapd", d.pid, tunnels, probe, s.filesBefore); err != nil {
 		return s, err
 	}
 	if conns, err = openTunnels(ctx, c, env.sinks, s.tunnels-probe, workers, conns); err != nil {
@@ -224,11 +240,11 @@ func runMemory(ctx context.Context, d *iapd, env *environment, m mode, tunnels, 
 	return s, nil
 }
 
-// fitTunnels returns how many tunnels iapd can hold under its file limit,
-// at most want, given that probe tunnels are open and iapd had filesBefore
-// descriptors without them. When that is fewer than want, the note gives
-// the reason.
-func fitTunnels(pid, want, probe, filesBefore int) (int, string, error) {
+// fitTunnels returns how many tunnels the proxy called name, process pid,
+// can hold under its file limit, at most want, given that probe tunnels
+// are open and it had filesBefore descriptors without them. When that is
+// fewer than want, the note gives the reason.
+func fitTunnels(name string, pid, want, probe, filesBefore int) (int, string, error) {
 	files, err := processFiles(pid)
 	if err != nil {
 		return 0, "", err
@@ -249,8 +265,8 @@ func fitTunnels(pid, want, probe, filesBefore int) (int, string, error) {
 	// The note leaves out the count, which varies between repeats with
 	// the descriptors that iapd keeps beside the tunnels; the table's
 	// "tunnels open" rows give it.
-	return fit, fmt.Sprintf("tunnels lowered from %d to what fits: iapd uses about %.0f file descriptors per tunnel and its RLIMIT_NOFILE is %d",
-		want, perTunnel, limit), nil
+	return fit, fmt.Sprintf("tunnels lowered from %d to what fits: %s uses about %.0f file descriptors per tunnel and its RLIMIT_NOFILE is %d",
+		want, name, perTunnel, limit), nil
 }
 
 // openTunnels opens n more tunnels to the echo sinks and checks each with

@@ -52,6 +52,7 @@ func serveMinimal(c *net.TCPConn) {
 	target := netip.AddrPortFrom(netip.AddrFrom4([4]byte(req[4:8])), binary.BigEndian.Uint16(req[8:10]))
 	up, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(target))
 	if err != nil {
+		fmt.Fprintln(os.Stderr, "minimal proxy:", err)
 		c.Write([]byte{socksVersion, 5, 0, socksAtypIPv4, 0, 0, 0, 0, 0, 0}) // connection refused
 		return
 	}

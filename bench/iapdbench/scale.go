@@ -101,7 +101,7 @@ func runScaleTunnels(ctx context.Context, opts *options, env *environment, d *ia
 		}
 		if n == probeTunnels {
 			// As in the memory measure, learn how many tunnels fit.
-			fit, note, err := fitTunnels(d.pid, opts.tunnels, probeTunnels, filesBefore)
+			fit, note, err := fitTunnels("iapd", d.pid, opts.tunnels, probeTunnels, filesBefore)
 			if err != nil {
 				return err
 			}
