@@ -128,16 +128,27 @@ func measurePeerMemory(ctx context.Context, opts *options, env *environment, res
 	for _, n := range notes {
 		res.note("%s", n)
 	}
+	failed := map[string]bool{}
 	for r := range opts.repeat {
 		for _, k := range kinds {
+			if failed[k.name] {
+				continue
+			}
 			p, err := startPeer(ctx, k, env.dir)
 			if err != nil {
 				return err
 			}
 			before, with, open, note, err := runPeerMemory(ctx, p, env, tunnels, opts.setupWorkers)
 			p.stop()
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
 			if err != nil {
-				return fmt.Errorf("memory run %d, peer %s: %w; its output:\n%s", r+1, k.name, err, p.stderr.String())
+				// A peer that fails costs its own figures, not iapd's.
+				progress("memory run %d/%d peer %s failed: %v; its output:\n%s", r+1, opts.repeat, k.name, err, p.stderr.String())
+				res.note("peer %s: memory run %d failed, so its memory figures are from the runs before: %v", k.name, r+1, err)
+				failed[k.name] = true
+				continue
 			}
 			if note != "" {
 				res.note("%s", note)

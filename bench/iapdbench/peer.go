@@ -76,6 +76,16 @@ type peer struct {
 	cmd    *exec.Cmd
 	stderr *tailBuffer
 	exited chan struct{}
+	failed bool // a relay measure failed; the peer is left out of the rest
+}
+
+// fail records that a relay measure of the peer failed, with its output in
+// the progress log, and leaves the peer out of the rest of the relay
+// measures: a peer that fails costs its own figures, not iapd's.
+func (p *peer) fail(res *results, progress func(string, ...any), err error) {
+	p.failed = true
+	progress("peer %s failed: %v; its output:\n%s", p.kind.name, err, p.stderr.String())
+	res.note("peer %s: %v; its later relay figures are missing", p.kind.name, err)
 }
 
 // findPeers resolves the -peers list: "auto" takes every known peer whose

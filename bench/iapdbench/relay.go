@@ -39,7 +39,11 @@ func (d direction) String() string {
 func measureBulk(ctx context.Context, opts *options, env *environment, d *iapd, modes []mode, res *results, progress func(string, ...any)) error {
 	total := int64(opts.bulkMiB) << 20
 	for r := range opts.repeat {
+	modes:
 		for _, m := range modes {
+			if m.peer != nil && m.peer.failed {
+				continue
+			}
 			c := clientFor(m, d)
 			cpu, err := startCPUMeter(d, m, env.sinkPID)
 			if err != nil {
@@ -51,7 +55,12 @@ func measureBulk(ctx context.Context, opts *options, env *environment, d *iapd, 
 				for _, streams := range []int{1, opts.streams} {
 					rate, err := runBulk(ctx, c, env, dir, streams, total)
 					if err != nil {
-						return withIapdState(fmt.Errorf("bulk %s, %s with %d streams: %w", m.Name, dir, streams, err), d)
+						err = fmt.Errorf("bulk %s, %s with %d streams: %w", m.Name, dir, streams, err)
+						if m.peer != nil && ctx.Err() == nil {
+							m.peer.fail(res, progress, err)
+							continue modes
+						}
+						return withIapdState(err, d)
 					}
 					res.add(sectionRelay, bulkLabel(dir, streams), m.Name, "MB/s", rate)
 					moved += total
@@ -262,6 +271,9 @@ func (r setupResult) percentile(p float64) time.Duration {
 func measureSetup(ctx context.Context, opts *options, env *environment, d *iapd, modes []mode, res *results, progress func(string, ...any)) error {
 	for r := range opts.repeat {
 		for _, m := range modes {
+			if m.peer != nil && m.peer.failed {
+				continue
+			}
 			cpu, err := startCPUMeter(d, m, env.sinkPID)
 			if err != nil {
 				return err
@@ -278,7 +290,12 @@ func measureSetup(ctx context.Context, opts *options, env *environment, d *iapd,
 				res.addError(sectionRelay, "setup rate", m.Name, "conn/s", sr.errors, sr.firstErr)
 			}
 			if sr.conns == 0 {
-				return withIapdState(fmt.Errorf("connection setup %s: no connection completed: %w", m.Name, sr.firstErr), d)
+				err := fmt.Errorf("connection setup %s: no connection completed: %w", m.Name, sr.firstErr)
+				if m.peer != nil {
+					m.peer.fail(res, progress, err)
+					continue
+				}
+				return withIapdState(err, d)
 			}
 			res.add(sectionRelay, "setup rate", m.Name, "conn/s", sr.rate())
 			res.add(sectionRelay, "setup latency p50", m.Name, "ms", ms(sr.percentile(50)))
