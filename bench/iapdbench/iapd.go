@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -230,6 +231,11 @@ func iapdVersion(path string) string {
 // freePorts returns n distinct loopback ports that were free a moment ago.
 // iapd opens them shortly after, so another process could take one in
 // between; iapd then fails to start with an error that names the port.
+//
+// The ports come from below the ephemeral range. After the memory
+// measures, tens of thousands of sockets in TIME-WAIT can hold every
+// ephemeral port, and a listener on port 0 then fails with "address
+// already in use".
 func freePorts(n int) ([]netip.AddrPort, error) {
 	var (
 		ports []netip.AddrPort
@@ -240,15 +246,43 @@ func freePorts(n int) ([]netip.AddrPort, error) {
 			ln.Close()
 		}
 	}()
-	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
+	// Concurrent runs start their search at different ports, so that
+	// they seldom try the same ones.
+	low := ephemeralLow()
+	for port := low - 1 - os.Getpid()%2000; port >= listenPortFloor && len(ports) < n; port-- {
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 		if err != nil {
-			return nil, fmt.Errorf("finding a free loopback port: %w", err)
+			continue
 		}
 		lns = append(lns, ln)
 		ports = append(ports, ln.Addr().(*net.TCPAddr).AddrPort())
 	}
+	if len(ports) < n {
+		return nil, fmt.Errorf("finding a free loopback port: none free between %d and %d", listenPortFloor, low-1)
+	}
 	return ports, nil
+}
+
+// listenPortFloor is the lowest port that freePorts takes, above the
+// ports that services usually have.
+const listenPortFloor = 20000
+
+// ephemeralLow returns the first port of the kernel's ephemeral range,
+// from /proc/sys/net/ipv4/ip_local_port_range, or Linux's default 32768.
+func ephemeralLow() int {
+	data, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	fields := strings.Fields(string(data))
+	if len(fields) == 0 {
+		return 32768
+	}
+	low, err := strconv.Atoi(fields[0])
+	if err != nil || low <= listenPortFloor+2000 {
+		return 32768
+	}
+	return low
 }
 
 // tailBuffer keeps the last bytes written to it. It is safe for
