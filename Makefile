@@ -65,7 +65,8 @@ bench: build setup-bench
 	$(GO) run ./bench/iapdbench -iapd bin/iapd -out bench/out $(BENCHFLAGS)
 
 # install puts iapd where deploy/iapd.service expects it, installs the unit
-# and, when there is none yet, the example policy as /etc/iapd/iapd.yaml.
+# and, when there is none yet, the example policy as /etc/iapd/iapd.yaml,
+# without the lines that let the quick start reach a server on loopback.
 # It creates the system user and group iapd that the service runs as, unless
 # DESTDIR is set (packaging). Then: systemctl daemon-reload && systemctl
 # enable --now iapd
@@ -84,7 +85,8 @@ install: build
 	fi
 	install -d -m 0750 $(DESTDIR)/etc/iapd
 	if [ ! -e $(DESTDIR)/etc/iapd/iapd.yaml ]; then \
-		install -m 0640 config.example.yaml $(DESTDIR)/etc/iapd/iapd.yaml; \
+		sed '/allow_local_targets: true # quick start$$/d' config.example.yaml > $(DESTDIR)/etc/iapd/iapd.yaml; \
+		chmod 0640 $(DESTDIR)/etc/iapd/iapd.yaml; \
 	fi
 	if [ -z "$(DESTDIR)" ]; then chgrp iapd /etc/iapd /etc/iapd/iapd.yaml; fi
 
