@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -56,6 +57,38 @@ func hasCapabilities() bool {
 
 var sequence atomic.Int64
 
+// staleSweep removes, once per test process, the namespaces that a test
+// process which has ended left behind. A test cleans up after itself also
+// when it fails, but not when its process is killed (a go test timeout, a
+// SIGKILL), and such namespaces would stay until the next boot.
+var staleSweep sync.Once
+
+// removeStale deletes the namespaces named by New whose process no longer
+// exists. A namespace of a process that is still running, or of an unknown
+// name, is left alone.
+func removeStale() {
+	out, err := exec.Command("ip", "netns", "list").Output()
+	if err != nil {
+		return
+	}
+	for line := range strings.SplitSeq(string(out), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) == 0 {
+			continue
+		}
+		name := fields[0]
+		var pid, seq int
+		var role string
+		if n, _ := fmt.Sscanf(name, "iapd%d-%d-%s", &pid, &seq, &role); n != 3 || pid == os.Getpid() {
+			continue
+		}
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err == nil {
+			continue
+		}
+		exec.Command("ip", "netns", "del", name).Run()
+	}
+}
+
 // NS is a network namespace made for one test. It is removed in t.Cleanup.
 type NS struct {
 	Name   string
@@ -67,6 +100,7 @@ type NS struct {
 // interface is up.
 func New(t testing.TB, role string) *NS {
 	t.Helper()
+	staleSweep.Do(removeStale)
 	name := fmt.Sprintf("iapd%d-%d-%s", os.Getpid(), sequence.Add(1), role)
 	run(t, "ip", "netns", "add", name)
 	t.Cleanup(func() {

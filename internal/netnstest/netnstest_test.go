@@ -1,8 +1,11 @@
 package netnstest
 
 import (
+	"fmt"
 	"io"
 	"net"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 )
@@ -52,5 +55,36 @@ func TestPrivilegedNamespaceIsolated(t *testing.T) {
 	out := n.IP(t, "-o", "link", "show")
 	if lines := strings.Count(strings.TrimSpace(out), "\n") + 1; lines != 1 {
 		t.Errorf("new namespace has %d links, want only lo:\n%s", lines, out)
+	}
+}
+
+// TestPrivilegedRemovesStaleNamespaces checks that the namespaces of a test
+// process that has ended are removed, and those of a running one are not.
+func TestPrivilegedRemovesStaleNamespaces(t *testing.T) {
+	Require(t)
+	ended := exec.Command("true")
+	if err := ended.Run(); err != nil {
+		t.Fatal(err)
+	}
+	stale := fmt.Sprintf("iapd%d-1-stale", ended.Process.Pid)
+	running := fmt.Sprintf("iapd%d-1-running", os.Getppid())
+	for _, name := range []string{stale, running} {
+		if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+			t.Fatalf("adding namespace %s: %v: %s", name, err, out)
+		}
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	}
+
+	removeStale()
+
+	out, err := exec.Command("ip", "netns", "list").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(out), stale) {
+		t.Errorf("namespace %s of an ended process is still there", stale)
+	}
+	if !strings.Contains(string(out), running) {
+		t.Errorf("namespace %s of a running process was removed", running)
 	}
 }
