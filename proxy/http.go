@@ -285,6 +285,8 @@ func (f *httpFrontend) serveHTTP(w http.ResponseWriter, r *http.Request) {
 			client.upgraded = nil
 			f.finishUpgrade(w, client, u)
 		}
+	} else if r.Method != http.MethodConnect {
+		f.proxy.ServeHTTP(&untypedWriter{ResponseWriter: w}, r)
 	} else {
 		f.proxy.ServeHTTP(w, r)
 	}

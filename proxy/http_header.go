@@ -137,3 +137,53 @@ func errorBody(err error) string {
 	}
 	return "iapd: " + text + "\n"
 }
+
+// keepUserAgent keeps net/http from sending its own User-Agent with a
+// request that had none. A proxy passes the client's request on as it
+// came, and a User-Agent of its own would also tell the origin that a
+// proxy is in the path. net/http sends no User-Agent when the field is
+// present and empty.
+func keepUserAgent(h http.Header) {
+	if _, ok := h["User-Agent"]; !ok {
+		h["User-Agent"] = []string{""}
+	}
+}
+
+// untypedWriter is the response writer of a plain proxy request. It keeps
+// http.Server from guessing a Content-Type from the body of a response
+// whose origin sent none, so that the client gets the response as the
+// origin sent it and decides for itself. http.Server still adds a Date to
+// a response without one, which records when the proxy received it.
+type untypedWriter struct {
+	http.ResponseWriter
+	wroteHeader bool
+}
+
+func (w *untypedWriter) WriteHeader(code int) {
+	if !w.wroteHeader {
+		w.wroteHeader = true
+		if h := w.Header(); h != nil {
+			if _, ok := h["Content-Type"]; !ok {
+				h["Content-Type"] = nil // present and empty: no sniffing
+			}
+		}
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *untypedWriter) Write(p []byte) (int, error) {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+// Flush sends what is buffered, for a response that streams.
+func (w *untypedWriter) Flush() {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	_ = http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+func (w *untypedWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

@@ -114,7 +114,7 @@ type httpRequestSeen struct {
 
 // httpOrigin is an HTTP server on 127.0.0.1 that records every request and
 // responds "origin saw PATH". On path /hop the response carries hop-by-hop
-// headers, /stream sends a line and the next only after release is closed,
+// headers, /untyped has neither Content-Type nor Date, /stream sends a line and the next only after release is closed,
 // /reset closes the connection without a response, and /nolength sends a
 // body of 10000 bytes without a length, ended by closing the connection.
 type httpOrigin struct {
@@ -162,6 +162,13 @@ func (o *httpOrigin) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		if err == nil {
 			c.Close()
 		}
+		return
+	case "/untyped":
+		// No Content-Type and no Date: present and empty, http.Server
+		// adds neither.
+		w.Header()["Content-Type"] = nil
+		w.Header()["Date"] = nil
+		io.WriteString(w, "<html><body>untyped</body></html>")
 		return
 	case "/nolength":
 		// An HTTP/1.0 style response: no length, the end of the body is
@@ -441,6 +448,52 @@ func TestHTTPHopByHopHeaders(t *testing.T) {
 	}
 	if got := resp.Header.Get("X-Origin-End"); got != "1" {
 		t.Errorf("client got X-Origin-End %q, want %q", got, "1")
+	}
+}
+
+// TestHTTPAddsNoHeaders checks that a plain request and its response pass
+// without the fields net/http would add: no User-Agent on a request that
+// had none, no sniffed Content-Type on a response that had none. A
+// response without Date gets one, as a proxy must add it.
+func TestHTTPAddsNoHeaders(t *testing.T) {
+	bed := newHTTPTestBed(t, httpListenerApp, Config{})
+	tests := []struct {
+		name      string
+		userAgent string // "" for none
+	}{
+		{name: "without user agent"},
+		{name: "with user agent", userAgent: "curl/8.0"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			request := "GET " + bed.originURL("/untyped") + " HTTP/1.1\r\nHost: " + bed.originTarget() + "\r\n"
+			if tt.userAgent != "" {
+				request += "User-Agent: " + tt.userAgent + "\r\n"
+			}
+			request += "Proxy-Authorization: " + basicCredentials("Basic", "bob", "bob-secret") + "\r\n\r\n"
+			before := len(bed.origin.requests())
+			resp, body, _, _ := rawExchange(t, bed.proxy, request)
+			if resp.StatusCode != http.StatusOK || body != "<html><body>untyped</body></html>" {
+				t.Fatalf("response = %d %q, want 200 and the origin's body", resp.StatusCode, body)
+			}
+
+			seen := bed.origin.requests()
+			if len(seen) != before+1 {
+				t.Fatalf("origin saw %d new requests, want 1", len(seen)-before)
+			}
+			if got, ok := seen[before].header["User-Agent"]; tt.userAgent == "" && ok {
+				t.Errorf("origin saw User-Agent %q, want none", got)
+			}
+			if got := seen[before].header.Get("User-Agent"); got != tt.userAgent {
+				t.Errorf("origin saw User-Agent %q, want %q", got, tt.userAgent)
+			}
+			if got, ok := resp.Header["Content-Type"]; ok {
+				t.Errorf("client got Content-Type %q, want none", got)
+			}
+			if resp.Header.Get("Date") == "" {
+				t.Errorf("client got no Date, want the one a proxy adds")
+			}
+		})
 	}
 }
 

@@ -90,6 +90,7 @@ func (f *httpFrontend) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*h
 	// gets its Upgrade field back in roundTripUpgrade.
 	protocols := upgradeProtocols(r)
 	removeHopByHop(r.Header)
+	keepUserAgent(r.Header)
 	if client := clientFromContext(r.Context()); client != nil && protocols != "" {
 		ctx.RoundTripper = goproxy.RoundTripperFunc(func(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
 			return f.roundTripUpgrade(req, client, app, choice, protocols), nil
