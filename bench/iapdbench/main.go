@@ -198,6 +198,9 @@ func validateOptions(o *options) error {
 	if _, err := modeByName(o.profileMode); err != nil {
 		return fmt.Errorf("invalid -profile-mode: %w", err)
 	}
+	if err := checkPeerList(o.peers); err != nil {
+		return fmt.Errorf("invalid -peers: %w", err)
+	}
 	if o.profileDir != "" && o.directOnly {
 		return errors.New("-profile and -direct-only exclude each other: profiles are taken of iapd")
 	}

@@ -95,14 +95,10 @@ func findPeers(list string) (kinds []peerKind, notes []string, err error) {
 	if list == "none" || list == "" {
 		return nil, nil, nil
 	}
-	auto := list == "auto"
-	if !auto {
-		for name := range strings.SplitSeq(list, ",") {
-			if !knownPeer(name) {
-				return nil, nil, fmt.Errorf("unknown peer %q: use auto, none or a list of %s", name, strings.Join(peerNames(), ", "))
-			}
-		}
+	if err := checkPeerList(list); err != nil {
+		return nil, nil, err
 	}
+	auto := list == "auto"
 
 	for _, k := range peerKinds {
 		if !auto && !listHas(list, k.name) {
@@ -118,6 +114,26 @@ func findPeers(list string) (kinds []peerKind, notes []string, err error) {
 		kinds = append(kinds, k)
 	}
 	return kinds, notes, nil
+}
+
+// checkPeerList reports an error when list is none of "auto", "none" and a
+// comma-separated list of known peers, each named once.
+func checkPeerList(list string) error {
+	if list == "auto" || list == "none" || list == "" {
+		return nil
+	}
+	seen := map[string]bool{}
+	for item := range strings.SplitSeq(list, ",") {
+		name := strings.TrimSpace(item)
+		switch {
+		case !knownPeer(name):
+			return fmt.Errorf("unknown peer %q: use auto, none or a list of %s", name, strings.Join(peerNames(), ", "))
+		case seen[name]:
+			return fmt.Errorf("peer %q named twice", name)
+		}
+		seen[name] = true
+	}
+	return nil
 }
 
 func listHas(list, name string) bool {

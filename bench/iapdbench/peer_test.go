@@ -20,6 +20,8 @@ func TestFindPeers(t *testing.T) {
 		{name: "none", list: "none"},
 		{name: "empty", list: ""},
 		{name: "unknown name", list: "microsocks,squid", wantErr: `unknown peer "squid": use auto, none or a list of go-minimal, microsocks, dante`},
+		{name: "none in a list", list: "none,microsocks", wantErr: `unknown peer "none": use auto, none or a list of go-minimal, microsocks, dante`},
+		{name: "named twice", list: "go-minimal,go-minimal", wantErr: `peer "go-minimal" named twice`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -152,6 +152,7 @@ func TestParseOptions(t *testing.T) {
 		{name: "unknown profile mode", args: []string{"-profile-mode", "socks4"}, wantErr: `invalid -profile-mode: unknown mode "socks4": use socks5, socks5-auth, http`},
 		{name: "profile with direct-only", args: []string{"-profile", "x", "-direct-only"}, wantErr: "-profile and -direct-only exclude each other"},
 		{name: "stray argument", args: []string{"bench"}, wantErr: `unexpected argument "bench"`},
+		{name: "unknown peer", args: []string{"-peers", "squid"}, wantErr: `invalid -peers: unknown peer "squid": use auto, none or a list of go-minimal, microsocks, dante`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
