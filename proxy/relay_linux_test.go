@@ -85,6 +85,11 @@ func TestRelaySmallPiecesThenBulk(t *testing.T) {
 			t.Fatalf("client read piece %d as %v, want %v", i, got[:4], piece[:4])
 		}
 	}
+	// The relay counts a piece after its write returns, which may be
+	// just after the other end has read it.
+	waitFor(t, "the pieces to be counted", func() bool {
+		return relayBytes.Copied.Load()-copiedBefore >= 2*pieces*pieceSize
+	})
 	if n := relayBytes.Copied.Load() - copiedBefore; n != 2*pieces*pieceSize {
 		t.Errorf("copied %d bytes through the buffer, want %d", n, 2*pieces*pieceSize)
 	}
@@ -107,6 +112,9 @@ func TestRelaySmallPiecesThenBulk(t *testing.T) {
 	if !bytes.Equal(got, payload) {
 		t.Fatal("tunnel delivered different bulk bytes than the target wrote")
 	}
+	waitFor(t, "the bulk bytes to be counted", func() bool {
+		return relayBytes.Spliced.Load()-splicedBefore+relayBytes.Copied.Load()-copiedBefore >= int64(len(payload))+2*pieces*pieceSize
+	})
 	spliced := relayBytes.Spliced.Load() - splicedBefore
 	copied := relayBytes.Copied.Load() - copiedBefore - 2*pieces*pieceSize
 	if spliced+copied != int64(len(payload)) {
