@@ -41,6 +41,9 @@ type Daemon interface {
 	// ListenerAddr returns the address a policy listener accepts on, with
 	// the port the kernel chose for port 0, or "" when it is not open.
 	ListenerAddr(l *policy.Listener) string
+	// Listeners returns the proxy listeners open now, in the policy's
+	// order, and the DNS listeners, by app name. Both follow reloads.
+	Listeners() ([]OpenListener, []DNSListenerStatus)
 	// Conns returns the live connections, oldest first.
 	Conns() []proxy.ConnInfo
 	// CloseConn closes the connection with the given ID and reports
@@ -50,6 +53,13 @@ type Daemon interface {
 	// problems leaves the running one in place and the error is, or
 	// wraps, a policy.ErrorList.
 	Reload() (*ReloadReport, error)
+}
+
+// OpenListener is a proxy listener of the running policy and its socket.
+type OpenListener struct {
+	Listener *policy.Listener
+	Address  string // where it accepts, with the port the kernel chose
+	Stats    proxy.ListenerStats
 }
 
 // Config configures a Server.

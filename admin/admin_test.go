@@ -72,6 +72,9 @@ func parseTestPolicy(t *testing.T) *policy.Policy {
 type fakeDaemon struct {
 	p *policy.Policy
 
+	bound        map[string]OpenListener // address and counters by listen address; missing is idle at l.Listen
+	dnsListeners []DNSListenerStatus
+
 	mu        sync.Mutex
 	unusable  map[string]string
 	conns     []proxy.ConnInfo
@@ -84,6 +87,21 @@ func (d *fakeDaemon) Snapshot() *iface.Snapshot               { return nil }
 func (d *fakeDaemon) Conditions() policy.Conditions           { return d }
 func (d *fakeDaemon) Interface(ap *policy.AccessPoint) string { return ap.Interface }
 func (d *fakeDaemon) ListenerAddr(l *policy.Listener) string  { return l.Listen }
+
+// Listeners returns every listener of the policy as open, with the
+// address and counters that d.bound gives it.
+func (d *fakeDaemon) Listeners() ([]OpenListener, []DNSListenerStatus) {
+	var open []OpenListener
+	for _, l := range d.p.Listeners {
+		ol, ok := d.bound[l.Listen]
+		if !ok {
+			ol.Address = l.Listen
+		}
+		ol.Listener = l
+		open = append(open, ol)
+	}
+	return open, d.dnsListeners
+}
 
 // Status makes an access point usable for both families unless
 // d.unusable names it.

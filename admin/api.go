@@ -27,7 +27,9 @@ type Status struct {
 	UptimeSeconds float64          `json:"uptime_seconds"`
 	Policy        PolicyStatus     `json:"policy"`
 	Listeners     []ListenerStatus `json:"listeners"`
-	Connections   int              `json:"connections"`
+	// DNSListeners are the apps' DNS listeners (dns_listen), by app name.
+	DNSListeners []DNSListenerStatus `json:"dns_listeners"`
+	Connections  int                 `json:"connections"`
 	// EventsDropped counts events that a slow subscriber missed.
 	EventsDropped uint64 `json:"events_dropped"`
 }
@@ -38,13 +40,38 @@ type PolicyStatus struct {
 	Hash string `json:"sha256"`
 }
 
-// ListenerStatus is one listener of the policy.
+// ListenerStatus is one listener of the policy and how busy its socket
+// is. The counters belong to the socket, so they go on across a reload
+// that keeps the listener's address.
 type ListenerStatus struct {
-	Listen   string   `json:"listen"`  // as written in the policy
-	Address  string   `json:"address"` // where it accepts, with the port the kernel chose
-	Protocol string   `json:"protocol"`
-	App      string   `json:"app,omitempty"`   // when the port identifies the app
-	Users    []string `json:"users,omitempty"` // when credentials do
+	Listen    string   `json:"listen"`  // as written in the policy
+	Address   string   `json:"address"` // where it accepts, with the port the kernel chose
+	Protocol  string   `json:"protocol"`
+	App       string   `json:"app,omitempty"`   // when the port identifies the app
+	Users     []string `json:"users,omitempty"` // when credentials do
+	UserCount int      `json:"user_count"`      // len(Users)
+	// Connections counts the clients being served now, from accept to
+	// close, handshakes included: what max_connections caps.
+	Connections    int    `json:"connections"`
+	MaxConnections int    `json:"max_connections"`
+	ClientsRefused uint64 `json:"clients_refused"` // closed at accept: outside allow_clients
+	FullRejections uint64 `json:"full_rejections"` // closed at accept: at max_connections
+}
+
+// DNSListenerStatus is the DNS listener of one app and the queries it
+// answered. The counters go on across a reload that keeps the address,
+// even when the address passes to another app.
+type DNSListenerStatus struct {
+	App        string `json:"app"`
+	Listen     string `json:"listen"`      // dns_listen of the app
+	UDPAddress string `json:"udp_address"` // where it answers over UDP
+	TCPAddress string `json:"tcp_address"` // where it answers over TCP
+	Queries    uint64 `json:"queries"`     // answered, whatever the rcode
+	// Refused and Failed count the queries that iapd itself answered
+	// REFUSED (the app's policy rejects the name) and SERVFAIL (no
+	// resolver answered, or none was usable).
+	Refused uint64 `json:"queries_refused"`
+	Failed  uint64 `json:"queries_failed"`
 }
 
 // InterfaceStatus is one network interface.
@@ -166,7 +193,11 @@ func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {
 func (s *Server) status() Status {
 	d := s.cfg.Daemon
 	p := d.Policy()
-	st := Status{
+	open, dnsOpen := d.Listeners()
+	if dnsOpen == nil {
+		dnsOpen = []DNSListenerStatus{} // [] rather than null in JSON
+	}
+	return Status{
 		Version:       s.cfg.Version,
 		PID:           os.Getpid(),
 		Started:       s.cfg.Started,
@@ -174,10 +205,25 @@ func (s *Server) status() Status {
 		Policy:        PolicyStatus{Path: p.Path, Hash: p.Hash},
 		Connections:   len(d.Conns()),
 		EventsDropped: s.cfg.Bus.Dropped(),
-		Listeners:     []ListenerStatus{},
+		Listeners:     listeners(open),
+		DNSListeners:  dnsOpen,
 	}
-	for _, l := range p.Listeners {
-		ls := ListenerStatus{Listen: l.Listen, Address: d.ListenerAddr(l), Protocol: l.Protocol.String()}
+}
+
+func listeners(open []OpenListener) []ListenerStatus {
+	list := []ListenerStatus{}
+	for _, ol := range open {
+		l := ol.Listener
+		ls := ListenerStatus{
+			Listen:         l.Listen,
+			Address:        ol.Address,
+			Protocol:       l.Protocol.String(),
+			UserCount:      len(l.Users),
+			Connections:    ol.Stats.Connections,
+			MaxConnections: l.MaxConnections,
+			ClientsRefused: ol.Stats.ClientsRefused,
+			FullRejections: ol.Stats.ListenerFull,
+		}
 		if l.App != nil {
 			ls.App = l.App.Name
 		}
@@ -185,9 +231,9 @@ func (s *Server) status() Status {
 			ls.Users = append(ls.Users, name)
 		}
 		slices.Sort(ls.Users)
-		st.Listeners = append(st.Listeners, ls)
+		list = append(list, ls)
 	}
-	return st
+	return list
 }
 
 func (s *Server) handleInterfaces(w http.ResponseWriter, r *http.Request) {

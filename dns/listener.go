@@ -100,6 +100,22 @@ type Listener struct {
 	state   atomic.Pointer[listenerState] // replaced by Update
 	servers []*dnsmsg.Server
 	wg      sync.WaitGroup
+
+	queries, refused, failed atomic.Uint64 // see ListenerStats
+}
+
+// ListenerStats counts the queries a Listener answered since it was
+// created, over UDP and TCP. The counters only grow, and Update keeps
+// them.
+type ListenerStats struct {
+	Queries uint64 // every query answered, whatever the reply's rcode
+	Refused uint64 // of Queries, answered REFUSED because the app's policy rejects the name
+	Failed  uint64 // of Queries, answered SERVFAIL because no resolver answered or none was usable
+}
+
+// Stats returns the counters of l.
+func (l *Listener) Stats() ListenerStats {
+	return ListenerStats{Queries: l.queries.Load(), Refused: l.refused.Load(), Failed: l.failed.Load()}
 }
 
 // listenerState is what a Listener answers with: its configuration and
@@ -193,6 +209,7 @@ func (l *Listener) ServeDNS(w dnsmsg.ResponseWriter, req *dnsmsg.Msg) {
 }
 
 func (l *Listener) answer(req *dnsmsg.Msg) *dnsmsg.Msg {
+	l.queries.Add(1)
 	st := l.state.Load()
 	resp := new(dnsmsg.Msg)
 	resp.SetReply(req)
@@ -216,6 +233,9 @@ func (l *Listener) answer(req *dnsmsg.Msg) *dnsmsg.Msg {
 		resp.Rcode = dnsmsg.RcodeServerFailure
 		if errors.Is(err, ErrRefused) {
 			resp.Rcode = dnsmsg.RcodeRefused
+			l.refused.Add(1)
+		} else {
+			l.failed.Add(1)
 		}
 		st.log.Info("DNS query not answered", logkey.Target, q.Name, "type", dnsmsg.TypeToString[q.Qtype], logkey.Err, err)
 		return resp
@@ -243,6 +263,7 @@ func (l *Listener) answer(req *dnsmsg.Msg) *dnsmsg.Msg {
 		return resp
 	}
 	st.log.Info("DNS query failed", logkey.Target, q.Name, "type", dnsmsg.TypeToString[q.Qtype], logkey.Err, errors.Join(errs...))
+	l.failed.Add(1)
 	resp.Rcode = dnsmsg.RcodeServerFailure
 	return resp
 }

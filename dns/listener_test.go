@@ -52,19 +52,32 @@ func TestListenerUpdate(t *testing.T) {
 		name   string
 		update *ListenerConfig // applied before the queries; nil keeps the configuration
 		want   string
+		// wantStats counts every step so far, since Update keeps the
+		// counters.
+		wantStats ListenerStats
 	}{
-		{name: "first app", want: "NOERROR 192.0.2.1"},
+		{name: "first app", want: "NOERROR 192.0.2.1", wantStats: ListenerStats{Queries: 2}},
 		{
-			name:   "other app after update",
-			update: &ListenerConfig{App: "mail", Route: through(cellResolver, "cell"), Logger: testLogger(t)},
-			want:   "NOERROR 198.51.100.1",
+			name:      "other app after update",
+			update:    &ListenerConfig{App: "mail", Route: through(cellResolver, "cell"), Logger: testLogger(t)},
+			want:      "NOERROR 198.51.100.1",
+			wantStats: ListenerStats{Queries: 4},
 		},
 		{
 			name: "refused after update",
 			update: &ListenerConfig{App: "mail", Logger: testLogger(t), Route: func(string) ([]*Resolver, []string, error) {
 				return nil, nil, fmt.Errorf("%w: rejected by route", ErrRefused)
 			}},
-			want: "REFUSED",
+			want:      "REFUSED",
+			wantStats: ListenerStats{Queries: 6, Refused: 2},
+		},
+		{
+			name: "no usable access point",
+			update: &ListenerConfig{App: "mail", Logger: testLogger(t), Route: func(string) ([]*Resolver, []string, error) {
+				return nil, nil, nil
+			}},
+			want:      "SERVFAIL",
+			wantStats: ListenerStats{Queries: 8, Refused: 2, Failed: 2},
 		},
 	}
 	for _, step := range steps {
@@ -80,6 +93,9 @@ func TestListenerUpdate(t *testing.T) {
 				if got != step.want {
 					t.Errorf("reply over %s = %q, want %q", network, got, step.want)
 				}
+			}
+			if got := l.Stats(); got != step.wantStats {
+				t.Errorf("Stats() = %+v, want %+v", got, step.wantStats)
 			}
 		})
 	}

@@ -158,6 +158,10 @@ func TestUpdateListenerKeepsOpenTunnels(t *testing.T) {
 	if got, want := connApps(s), []string{"web@a", "mail@b"}; !slices.Equal(got, want) {
 		t.Errorf("connections %q, want %q", got, want)
 	}
+	// The socket counts the clients of both policy listeners.
+	if st, ok := s.ListenerStats(tl.ln); !ok || st.Connections != 2 {
+		t.Errorf("ListenerStats() = %+v, %v; want 2 connections, true", st, ok)
+	}
 }
 
 func TestUpdateListenerChangesProtocol(t *testing.T) {
@@ -228,6 +232,9 @@ func TestRetireDrainsConnections(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Serve did not return after Retire")
+	}
+	if st, ok := s.ListenerStats(tl.ln); ok {
+		t.Errorf("ListenerStats() of a retired listener = %+v, true; want false", st)
 	}
 
 	if conn, err := net.DialTimeout("tcp", tl.addr, time.Second); err == nil {

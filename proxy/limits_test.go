@@ -121,6 +121,9 @@ func TestListenerAllowClients(t *testing.T) {
 			if got := s.Stats().ClientsRefused; got != tt.wantRefused {
 				t.Errorf("Stats().ClientsRefused = %d, want %d", got, tt.wantRefused)
 			}
+			if got := onlyListenerStats(t, s).ClientsRefused; got != tt.wantRefused {
+				t.Errorf("ListenerStats().ClientsRefused = %d, want %d", got, tt.wantRefused)
+			}
 			if !tt.wantServed && len(network.dials()) > 0 {
 				t.Errorf("dials %q for a refused client, want none", network.dials())
 			}
@@ -146,6 +149,10 @@ func TestListenerMaxConnections(t *testing.T) {
 	if got := s.Stats().ListenerFull; got != 1 {
 		t.Errorf("Stats().ListenerFull = %d, want 1", got)
 	}
+	want := ListenerStats{Connections: 2, ListenerFull: 1}
+	if got := onlyListenerStats(t, s); got != want {
+		t.Errorf("ListenerStats() = %+v, want %+v", got, want)
+	}
 
 	// A client that leaves makes room for the next.
 	first.Close()
@@ -153,6 +160,26 @@ func TestListenerMaxConnections(t *testing.T) {
 	waitFor(t, "the first client to leave", func() bool { return servedClients(s) == 1 })
 	openTunnel(t, addr, target.addr)
 	target.accept(t)
+}
+
+// onlyListenerStats returns the ListenerStats of the one listener that s
+// serves.
+func onlyListenerStats(t *testing.T, s *Server) ListenerStats {
+	t.Helper()
+	s.mu.Lock()
+	var lns []net.Listener
+	for ln := range s.listeners {
+		lns = append(lns, ln)
+	}
+	s.mu.Unlock()
+	if len(lns) != 1 {
+		t.Fatalf("server serves %d listeners, want 1", len(lns))
+	}
+	st, ok := s.ListenerStats(lns[0])
+	if !ok {
+		t.Fatalf("ListenerStats(%s) reports the listener not served", lns[0].Addr())
+	}
+	return st
 }
 
 // servedClients returns how many clients the server's listeners count

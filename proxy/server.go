@@ -224,12 +224,14 @@ func (s *Server) Serve(ln net.Listener, l *policy.Listener) error {
 		client := remoteAddr(c)
 		if !current.AllowsClient(client.Addr()) {
 			s.stats.clientsRefused.Add(1)
+			sl.refused.Add(1)
 			refused.log(logkey.Client, client.String())
 			c.Close()
 			continue
 		}
 		if current.MaxConnections > 0 && sl.active.Load() >= int64(current.MaxConnections) {
 			s.stats.listenerFull.Add(1)
+			sl.full.Add(1)
 			full.log(logkey.Client, client.String(), "max_connections", current.MaxConnections)
 			c.Close()
 			continue
@@ -335,6 +337,31 @@ func (s *Server) Retire(ln net.Listener) error {
 	return nil
 }
 
+// ListenerStats is what one listener socket serves now and what it
+// refused since Serve took it. The counters only grow, and stay with the
+// socket when Update gives it another policy listener.
+type ListenerStats struct {
+	Connections    int    // clients being served now, counted against max_connections
+	ClientsRefused uint64 // closed at accept: address outside allow_clients
+	ListenerFull   uint64 // closed at accept: listener at its max_connections
+}
+
+// ListenerStats returns the counters of ln, and false when ln is not
+// being served: before Serve takes it, or after Serve returned.
+func (s *Server) ListenerStats(ln net.Listener) (ListenerStats, bool) {
+	s.mu.Lock()
+	sl, ok := s.listeners[ln]
+	s.mu.Unlock()
+	if !ok {
+		return ListenerStats{}, false
+	}
+	return ListenerStats{
+		Connections:    int(sl.active.Load()),
+		ClientsRefused: sl.refused.Load(),
+		ListenerFull:   sl.full.Load(),
+	}, true
+}
+
 // Shutdown stops accepting on every listener and waits until the
 // connections already accepted have ended or ctx is done, then closes the
 // server as Close does. It returns ctx's error when connections were still
@@ -424,8 +451,10 @@ func (s *Server) releaseFrontend(fe *frontend) {
 type servedListener struct {
 	ln      net.Listener
 	cur     atomic.Pointer[frontend]
-	retired atomic.Bool  // set by Retire, so that Serve returns nil
-	active  atomic.Int64 // clients of ln being served, against the listener's max_connections
+	retired atomic.Bool   // set by Retire, so that Serve returns nil
+	active  atomic.Int64  // clients of ln being served, against the listener's max_connections
+	refused atomic.Uint64 // clients closed at accept for being outside allow_clients
+	full    atomic.Uint64 // clients closed at accept because active was at max_connections
 }
 
 // acquire returns the current front end, counted as busy with one more

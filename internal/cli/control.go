@@ -139,19 +139,10 @@ func printStatus(w io.Writer, doc *statusDocument) {
 	fmt.Fprintf(w, "policy %s (sha256 %s)\n", st.Policy.Path, shortHash(st.Policy.Hash))
 	fmt.Fprintf(w, "%d open connection(s)\n", st.Connections)
 
-	fmt.Fprintln(w)
-	t := newTable(w, "LISTENER", "ADDRESS", "PROTOCOL", "APP")
-	for _, l := range st.Listeners {
-		app := l.App
-		if app == "" {
-			app = "by credentials: " + strings.Join(l.Users, ", ")
-		}
-		t.row(l.Listen, l.Address, l.Protocol, app)
-	}
-	t.flush()
+	printListeners(w, st)
 
 	fmt.Fprintln(w)
-	t = newTable(w, "ACCESS POINT", "INTERFACE", "STATE", "LATENCY", "OPEN", "TOTAL", "UP", "DOWN", "DIAL FAILURES")
+	t := newTable(w, "ACCESS POINT", "INTERFACE", "STATE", "LATENCY", "OPEN", "TOTAL", "UP", "DOWN", "DIAL FAILURES")
 	for _, ap := range doc.AccessPoints {
 		state := "usable"
 		if !ap.Usable {
@@ -181,6 +172,44 @@ func printStatus(w io.Writer, doc *statusDocument) {
 	t = newTable(w, "APP", "DESTINATION", "OPEN", "UP", "DOWN")
 	for _, app := range doc.Apps {
 		t.row(app.Name, app.Destination, strconv.Itoa(app.Connections), formatBytes(app.BytesUp), formatBytes(app.BytesDown))
+	}
+	t.flush()
+}
+
+// printListeners writes the proxy listeners and, when the policy has
+// some, the DNS listeners. OPEN counts clients from accept to close
+// against MAX; REFUSED and FULL count clients closed at accept.
+func printListeners(w io.Writer, st *admin.Status) {
+	fmt.Fprintln(w)
+	t := newTable(w, "LISTENER", "ADDRESS", "PROTOCOL", "APP", "OPEN", "MAX", "REFUSED", "FULL")
+	for _, l := range st.Listeners {
+		app := l.App
+		if app == "" {
+			app = fmt.Sprintf("users (%d)", l.UserCount)
+		}
+		maxConns := "-"
+		if l.MaxConnections > 0 {
+			maxConns = strconv.Itoa(l.MaxConnections)
+		}
+		t.row(l.Listen, l.Address, l.Protocol, app, strconv.Itoa(l.Connections), maxConns,
+			strconv.FormatUint(l.ClientsRefused, 10), strconv.FormatUint(l.FullRejections, 10))
+	}
+	t.flush()
+
+	if len(st.DNSListeners) == 0 {
+		return
+	}
+	fmt.Fprintln(w)
+	t = newTable(w, "DNS LISTENER", "ADDRESS", "APP", "QUERIES", "REFUSED", "FAILED")
+	for _, l := range st.DNSListeners {
+		// The UDP and the TCP socket share the port of dns_listen, so
+		// one address stands for both unless they differ.
+		addr := l.UDPAddress
+		if l.UDPAddress != l.TCPAddress {
+			addr = "udp " + l.UDPAddress + ", tcp " + l.TCPAddress
+		}
+		t.row(l.Listen, addr, l.App, strconv.FormatUint(l.Queries, 10),
+			strconv.FormatUint(l.Refused, 10), strconv.FormatUint(l.Failed, 10))
 	}
 	t.flush()
 }

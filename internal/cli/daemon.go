@@ -294,6 +294,36 @@ func (d *daemon) Conns() []proxy.ConnInfo                 { return d.proxy.Conns
 func (d *daemon) CloseConn(id uint64) bool                { return d.proxy.CloseConn(id) }
 func (d *daemon) ListenerAddr(l *policy.Listener) string  { return d.listenerAddr(l) }
 
+// Listeners returns the proxy and DNS listeners that the last start or
+// reload left open. It reads counters the sockets keep anyway, so a
+// status request costs the connections nothing.
+func (d *daemon) Listeners() ([]admin.OpenListener, []admin.DNSListenerStatus) {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
+	open := make([]admin.OpenListener, 0, len(d.listeners))
+	for _, ol := range d.listeners {
+		// A listener added a moment ago may not be served yet: its
+		// counters are zero then.
+		stats, _ := d.proxy.ListenerStats(ol.ln)
+		open = append(open, admin.OpenListener{Listener: ol.l, Address: ol.ln.Addr().String(), Stats: stats})
+	}
+	dnsOpen := make([]admin.DNSListenerStatus, 0, len(d.dnsListeners))
+	for _, od := range d.dnsListeners {
+		st := admin.DNSListenerStatus{
+			App:        od.app.Name,
+			Listen:     od.addr,
+			UDPAddress: od.pc.LocalAddr().String(),
+			TCPAddress: od.ln.Addr().String(),
+		}
+		if od.dl != nil {
+			stats := od.dl.Stats()
+			st.Queries, st.Refused, st.Failed = stats.Queries, stats.Refused, stats.Failed
+		}
+		dnsOpen = append(dnsOpen, st)
+	}
+	return open, dnsOpen
+}
+
 func (d *daemon) listenerAddr(l *policy.Listener) string {
 	d.reloadMu.Lock()
 	defer d.reloadMu.Unlock()
