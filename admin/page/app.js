@@ -104,6 +104,31 @@
       cell(row, d.apps.join(", "));
     }, "no destinations");
 
+    // Refused and full count clients closed at accept: outside
+    // allow_clients, or with the listener at max_connections.
+    fill("listeners", st.listeners, function (row, l) {
+      row.dataset.name = l.listen;
+      cell(row, l.listen);
+      cell(row, l.address);
+      cell(row, l.protocol);
+      cell(row, l.app ? l.app : "users (" + l.user_count + ")");
+      cell(row, l.connections, "num");
+      cell(row, l.max_connections, "num");
+      cell(row, l.clients_refused, "num");
+      cell(row, l.full_rejections, "num");
+    }, "no listeners");
+
+    fill("dns-listeners", st.dns_listeners, function (row, l) {
+      row.dataset.name = l.listen;
+      cell(row, l.listen);
+      cell(row, l.udp_address === l.tcp_address ? l.udp_address :
+        "udp " + l.udp_address + ", tcp " + l.tcp_address);
+      cell(row, l.app);
+      cell(row, l.queries, "num");
+      cell(row, l.queries_refused, "num");
+      cell(row, l.queries_failed, "num");
+    }, "no DNS listeners (dns_listen)");
+
     fill("connections", state.connections, function (row, c) {
       cell(row, c.id, "num");
       cell(row, c.app);

@@ -83,6 +83,8 @@ func TestPrivilegedStatusPageInChromium(t *testing.T) {
 		{"destination order", `<tr data-name="cell-first"><td>cell-first</td><td>cell → wifi</td><td class="usable">wifi</td><td>mail</td></tr>`},
 		{"held connection", `<td>browser</td><td>127.0.0.1:1080</td><td>www.wifi.test:80</td><td>wifi</td><td>wifi</td>`},
 		{"bytes of the download", `<tr data-name="wifi"><td>wifi</td>.*?<td class="num">9[0-9.]+ KiB</td><td class="num">0</td></tr>`},
+		{"listener with the held download", `<tr data-name="127.0.0.1:1080"><td>127.0.0.1:1080</td><td>127.0.0.1:1080</td><td>socks5</td><td>browser</td><td class="num">1</td><td class="num">1024</td><td class="num">0</td><td class="num">0</td></tr>`},
+		{"no DNS listeners", `<td class="empty" colspan="6">no DNS listeners \(dns_listen\)</td>`},
 		{"interface table", `<tr data-name="cell"><td>cell</td><td class="num">\d+</td><td class="unusable">down</td>`},
 	} {
 		if !regexp.MustCompile(row.re).MatchString(dom) {

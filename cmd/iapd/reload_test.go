@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"regexp"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/miekg/dns"
 
+	"iapd/admin"
 	"iapd/internal/netnstest"
 	"iapd/internal/testbed"
 )
@@ -166,13 +169,45 @@ func TestPrivilegedReloadDNSListeners(t *testing.T) {
 	d := bed.Start(t, start.yaml())
 
 	// Gained: both apps get a DNS listener, each answering through its
-	// own access point.
-	step := reloadStep{browserListen: "127.0.0.1:1080", browserDNS: dnsBrowser, mailDNS: dnsMail}
-	reload(t, d, step, "listeners 2 kept, 0 added, 0 removed; DNS listeners 0 kept, 2 added, 0 removed;")
+	// own access point, and mail a SOCKS5 listener on a port the kernel
+	// chooses.
+	step := reloadStep{browserListen: "127.0.0.1:1080", browserDNS: dnsBrowser, mailDNS: dnsMail, extraListen: "127.0.0.1:0"}
+	reload(t, d, step, "listeners 2 kept, 1 added, 0 removed; DNS listeners 0 kept, 2 added, 0 removed;")
 	checkAnswers(t, bed, []dnsCase{
 		{name: "added listener of browser", addr: dnsBrowser, host: "www.wifi.test", want: wwwAnswer},
 		{name: "added listener of mail", addr: dnsMail, host: "www.cell.test", want: wwwAnswer},
 	})
+
+	// iapd status shows the new listeners, each DNS listener with the
+	// query over UDP and the one over TCP that checkAnswers sent.
+	st := statusOf(t, d)
+	checkDNSListeners(t, st, []admin.DNSListenerStatus{
+		{App: "browser", Listen: dnsBrowser, UDPAddress: dnsBrowser, TCPAddress: dnsBrowser, Queries: 2},
+		{App: "mail", Listen: dnsMail, UDPAddress: dnsMail, TCPAddress: dnsMail, Queries: 2},
+	})
+	if got := listenAddrs(st); got != "127.0.0.1:1080 127.0.0.1:1081 127.0.0.1:0" {
+		t.Fatalf("listeners after the reload: %s, want 127.0.0.1:1080 127.0.0.1:1081 127.0.0.1:0", got)
+	}
+	bound := st.Listeners[2].Address
+	if host, port, _ := net.SplitHostPort(bound); host != "127.0.0.1" || port == "0" || port == "" {
+		t.Errorf("listener 127.0.0.1:0 reports address %q, want 127.0.0.1 with the port the kernel chose", bound)
+	}
+	out, _, _ := d.CLI(t, "status")
+	for _, row := range []string{
+		`127\.0\.0\.1:0\s+` + regexp.QuoteMeta(bound) + `\s+socks5\s+mail\s+0\s+1024\s+0\s+0$`,
+		`DNS LISTENER\s+ADDRESS\s+APP\s+QUERIES\s+REFUSED\s+FAILED$`,
+		regexp.QuoteMeta(dnsBrowser) + `\s+` + regexp.QuoteMeta(dnsBrowser) + `\s+browser\s+2\s+0\s+0$`,
+		regexp.QuoteMeta(dnsMail) + `\s+` + regexp.QuoteMeta(dnsMail) + `\s+mail\s+2\s+0\s+0$`,
+	} {
+		if !regexp.MustCompile(`(?m)^` + row).MatchString(out) {
+			t.Errorf("iapd status lacks a row matching %s; output:\n%s", row, out)
+		}
+	}
+	// The status is read before this client, which would count in OPEN
+	// until iapd has seen it leave.
+	if out, code := bed.Curl(t, "--socks5-hostname", bound, "http://www.cell.test/"); code != 0 || out != viaCell {
+		t.Errorf("curl through the reported address %s: exit %d, body %q; want %q", bound, code, out, viaCell)
+	}
 
 	// Moved: browser's listener goes to another port, while mail's keeps
 	// answering on one socket throughout the reload.
@@ -214,6 +249,17 @@ func TestPrivilegedReloadDNSListeners(t *testing.T) {
 	}
 	checkAnswers(t, bed, []dnsCase{{name: "moved listener", addr: dnsMoved, host: "www.wifi.test", want: wwwAnswer}})
 	checkRefused(t, bed, dnsBrowser)
+
+	// The moved listener is new and shows the two queries just sent. The
+	// kept one goes on counting, and the removed ones are gone.
+	st = statusOf(t, d)
+	checkDNSListeners(t, st, []admin.DNSListenerStatus{
+		{App: "browser", Listen: dnsMoved, UDPAddress: dnsMoved, TCPAddress: dnsMoved, Queries: 2},
+		{App: "mail", Listen: dnsMail, UDPAddress: dnsMail, TCPAddress: dnsMail, Queries: 2 + uint64(answered.Load()+failed.Load())},
+	})
+	if got := listenAddrs(st); got != "127.0.0.1:1080 127.0.0.1:1081" {
+		t.Errorf("listeners after the reload: %s, want 127.0.0.1:1080 127.0.0.1:1081", got)
+	}
 
 	// Swapped: each address passes to the other app without closing.
 	step = reloadStep{browserListen: "127.0.0.1:1080", browserDNS: dnsMail, mailDNS: dnsMoved}
@@ -264,6 +310,32 @@ func TestPrivilegedReloadDNSListeners(t *testing.T) {
 	}
 	checkRefused(t, bed, dnsMail)
 	checkRefused(t, bed, dnsMoved)
+	checkDNSListeners(t, statusOf(t, d), nil)
+	if out, _, _ := d.CLI(t, "status"); strings.Contains(out, "DNS LISTENER") {
+		t.Errorf("iapd status lists DNS listeners after they were removed:\n%s", out)
+	}
+}
+
+// checkDNSListeners compares the DNS listeners of st with want, which
+// lists them by app name.
+func checkDNSListeners(t *testing.T, st admin.Status, want []admin.DNSListenerStatus) {
+	t.Helper()
+	if want == nil {
+		want = []admin.DNSListenerStatus{}
+	}
+	if !slices.Equal(st.DNSListeners, want) {
+		t.Errorf("dns_listeners = %+v, want %+v", st.DNSListeners, want)
+	}
+}
+
+// listenAddrs returns the listen addresses of st's proxy listeners,
+// separated by spaces.
+func listenAddrs(st admin.Status) string {
+	var addrs []string
+	for _, l := range st.Listeners {
+		addrs = append(addrs, l.Listen)
+	}
+	return strings.Join(addrs, " ")
 }
 
 func TestPrivilegedReloadWidensListener(t *testing.T) {

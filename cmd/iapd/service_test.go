@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -150,6 +151,19 @@ func (e *eventLines) waitLine(t *testing.T, re string) string {
 	return found
 }
 
+// statusOf returns the status part of "iapd status -json".
+func statusOf(t *testing.T, d *testbed.Iapd) admin.Status {
+	t.Helper()
+	out, stderr, code := d.CLI(t, "status", "-json")
+	var doc struct {
+		Status admin.Status `json:"status"`
+	}
+	if err := json.Unmarshal([]byte(out), &doc); err != nil || code != 0 {
+		t.Fatalf("iapd status -json: exit %d, stderr %q: %v", code, stderr, err)
+	}
+	return doc.Status
+}
+
 func TestPrivilegedControlCommands(t *testing.T) {
 	bed, d := startService(t, testbed.StartOptions{})
 	wifi := bed.Uplink("wifi")
@@ -163,13 +177,17 @@ func TestPrivilegedControlCommands(t *testing.T) {
 		t.Errorf("iapd status does not name the policy")
 	}
 	for _, row := range []string{
-		`127\.0\.0\.1:1080\s+127\.0\.0\.1:1080\s+socks5\s+browser`,
+		`127\.0\.0\.1:1080\s+127\.0\.0\.1:1080\s+socks5\s+browser\s+0\s+1024\s+0\s+0$`,
+		`127\.0\.0\.1:1081\s+127\.0\.0\.1:1081\s+mixed\s+mail\s+0\s+1024\s+0\s+0$`,
 		`wifi\s+wifi\s+usable\s`,
 		`cell-first\s+cell,wifi\s+cell\s+mail`,
 	} {
 		if !regexp.MustCompile(`(?m)^` + row).MatchString(out) {
 			t.Errorf("iapd status lacks a row matching %s", row)
 		}
+	}
+	if strings.Contains(out, "DNS LISTENER") {
+		t.Errorf("iapd status lists DNS listeners of a policy without dns_listen")
 	}
 	out, _, _ = d.CLI(t, "status", "-json")
 	var doc struct {
@@ -179,8 +197,18 @@ func TestPrivilegedControlCommands(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &doc); err != nil {
 		t.Fatalf("iapd status -json: %v", err)
 	}
-	if doc.Status.Policy.Path != d.PolicyPath || len(doc.Status.Listeners) != 2 || len(doc.AccessPoints) != 2 {
+	if doc.Status.Policy.Path != d.PolicyPath || len(doc.AccessPoints) != 2 {
 		t.Errorf("iapd status -json = %+v", doc)
+	}
+	wantListeners := []admin.ListenerStatus{
+		{Listen: "127.0.0.1:1080", Address: "127.0.0.1:1080", Protocol: "socks5", App: "browser", MaxConnections: 1024},
+		{Listen: "127.0.0.1:1081", Address: "127.0.0.1:1081", Protocol: "mixed", App: "mail", MaxConnections: 1024},
+	}
+	if got := doc.Status.Listeners; !reflect.DeepEqual(got, wantListeners) {
+		t.Errorf("iapd status -json listeners = %+v, want %+v", got, wantListeners)
+	}
+	if got := doc.Status.DNSListeners; got == nil || len(got) != 0 {
+		t.Errorf("iapd status -json dns_listeners = %#v, want []", got)
 	}
 
 	// A held download shows in conns, and closing it ends curl's transfer.
@@ -195,6 +223,10 @@ func TestPrivilegedControlCommands(t *testing.T) {
 	}
 	if len(conns) != 1 {
 		t.Fatalf("iapd conns lists %d connections, want 1", len(conns))
+	}
+	// The held download is a client of browser's listener.
+	if got := statusOf(t, d).Listeners[0]; got.Connections != 1 {
+		t.Errorf("browser's listener with a download held has %d connection(s), want 1", got.Connections)
 	}
 	c := conns[0]
 	if c.App != "browser" || c.AccessPoint != "wifi" || c.Interface != "wifi" || c.Listener != "127.0.0.1:1080" || c.Target != "www.wifi.test:80" {
