@@ -58,7 +58,7 @@ type Daemon interface {
 // OpenListener is a proxy listener of the running policy and its socket.
 type OpenListener struct {
 	Listener *policy.Listener
-	Address  string // where it accepts, with the port the kernel chose
+	Address  string // bound address, with the port the kernel chose for port 0
 	Stats    proxy.ListenerStats
 }
 

@@ -64,8 +64,8 @@ type ListenerStatus struct {
 type DNSListenerStatus struct {
 	App        string `json:"app"`
 	Listen     string `json:"listen"`      // dns_listen of the app
-	UDPAddress string `json:"udp_address"` // where it answers over UDP
-	TCPAddress string `json:"tcp_address"` // where it answers over TCP
+	UDPAddress string `json:"udp_address"` // bound address of the UDP socket
+	TCPAddress string `json:"tcp_address"` // bound address of the TCP socket
 	Queries    uint64 `json:"queries"`     // answered, whatever the rcode
 	// Refused and Failed count the queries that iapd itself answered
 	// REFUSED (the app's policy rejects the name) and SERVFAIL (no

@@ -337,9 +337,10 @@ func (s *Server) Retire(ln net.Listener) error {
 	return nil
 }
 
-// ListenerStats is what one listener socket serves now and what it
-// refused since Serve took it. The counters only grow, and stay with the
-// socket when Update gives it another policy listener.
+// ListenerStats is the load of one listener socket: the clients it serves
+// now, and the clients it closed at accept since Serve took it. The
+// counters only grow, and stay with the socket when Update gives it
+// another policy listener.
 type ListenerStats struct {
 	Connections    int    // clients being served now, counted against max_connections
 	ClientsRefused uint64 // closed at accept: address outside allow_clients
