@@ -75,7 +75,7 @@ SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 install: build
 	install -D -m 0755 bin/iapd $(DESTDIR)$(PREFIX)/bin/iapd
 	install -d -m 0755 $(DESTDIR)$(SYSTEMD_UNIT_DIR)
-	sed 's|/usr/local/bin/iapd|$(PREFIX)/bin/iapd|g' deploy/iapd.service > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/iapd.service
+	sed 's|/usr/local/|$(PREFIX)/|g' deploy/iapd.service > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/iapd.service
 	chmod 0644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/iapd.service
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/doc/iapd
 	install -m 0644 README.md config.example.yaml $(DESTDIR)$(PREFIX)/share/doc/iapd/

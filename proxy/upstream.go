@@ -94,10 +94,13 @@ func (u *upstream) closeWithReason(reason string) error {
 		info.Reason = reason
 		u.s.table.remove(u)
 		if u.s.logger.Enabled(u.s.ctx, slog.LevelDebug) {
-			u.s.logger.Debug("connection closed",
-				logkey.App, info.App, logkey.AccessPoint, info.AccessPoint, logkey.Target, info.Target,
+			attrs := []any{logkey.App, info.App, logkey.AccessPoint, info.AccessPoint, logkey.Target, info.Target,
 				"bytes_up", info.BytesUp, "bytes_down", info.BytesDown,
-				"duration", time.Since(info.Started).Round(time.Millisecond), "reason", info.Reason)
+				"duration", time.Since(info.Started).Round(time.Millisecond)}
+			if info.Reason != "" {
+				attrs = append(attrs, "reason", info.Reason) // why iapd closed it; none when an end did
+			}
+			u.s.logger.Debug("connection closed", attrs...)
 		}
 		if u.s.cfg.OnClose != nil {
 			u.s.cfg.OnClose(info)

@@ -104,6 +104,17 @@ func TestMakeInstallLeavesLocalTargetsOut(t *testing.T) {
 			t.Errorf("installed app %s allows local targets", name)
 		}
 	}
+	unit, err := os.ReadFile(filepath.Join(dest, "etc", "systemd", "system", "iapd.service"))
+	if err != nil {
+		t.Fatalf("reading the installed unit: %v", err)
+	}
+	if strings.Contains(string(unit), "/usr/local/") {
+		t.Errorf("the unit installed with PREFIX=/usr names /usr/local/:\n%s", unit)
+	}
+	if !strings.Contains(string(unit), "ExecStart=/usr/bin/iapd run") {
+		t.Errorf("the unit installed with PREFIX=/usr does not start /usr/bin/iapd:\n%s", unit)
+	}
+
 	example, err := policy.Load(filepath.Join("..", "..", "config.example.yaml"))
 	if err != nil {
 		t.Fatal(err)
