@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -831,5 +832,53 @@ func TestHTTPBadRequests(t *testing.T) {
 				t.Errorf("dials = %q, want none", dials)
 			}
 		})
+	}
+}
+
+// lockedWriter collects log output from the server's goroutines.
+type lockedWriter struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (w *lockedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.Write(p)
+}
+
+func (w *lockedWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+// TestHTTPLogsServedRequest checks that a plain request served over a
+// pooled upstream connection gets a debug line with its app and access
+// point, as a tunnel gets one when it closes.
+func TestHTTPLogsServedRequest(t *testing.T) {
+	var logs lockedWriter
+	logger := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	bed := newHTTPTestBed(t, httpListenerApp, Config{Logger: logger})
+	request := "GET " + bed.originURL("/logged") + " HTTP/1.1\r\nHost: " + bed.originTarget() + "\r\n" +
+		"Proxy-Authorization: " + basicCredentials("Basic", "bob", "bob-secret") + "\r\n\r\n"
+	resp, _, _, _ := rawExchange(t, bed.proxy, request)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d, want 200", resp.StatusCode)
+	}
+
+	var line string
+	for l := range strings.SplitSeq(logs.String(), "\n") {
+		if strings.Contains(l, "msg=\"request served\"") {
+			line = l
+		}
+	}
+	if line == "" {
+		t.Fatalf("no \"request served\" line in the log:\n%s", logs.String())
+	}
+	for _, want := range []string{"app=", "access_point=", "target=web.test:", "method=GET", "status=200"} {
+		if !strings.Contains(line, want) {
+			t.Errorf("log line %q lacks %q", line, want)
+		}
 	}
 }

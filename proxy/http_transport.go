@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -145,6 +146,7 @@ func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App, choice stri
 
 		resp, err := f.transport(app, ap).RoundTrip(out)
 		if err == nil {
+			f.logServed(req, app, ap, target, resp)
 			return upstreamResponse(resp)
 		}
 		// dialAccessPoint leaves the app and the destination empty.
@@ -167,6 +169,16 @@ func (f *httpFrontend) roundTrip(req *http.Request, app *policy.App, choice stri
 	// and the log gets them all.
 	f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.Err, errors.Join(errs...))
 	return errorResponse(req, errorStatus(errs[0]), errorBody(errs[0]))
+}
+
+// logServed logs, at debug, the access point that served a plain request.
+// Plain requests share pooled upstream connections, whose close line can
+// stand for many requests, so each request gets a line of its own.
+func (f *httpFrontend) logServed(req *http.Request, app *policy.App, ap *policy.AccessPoint, target string, resp *http.Response) {
+	if f.log.Enabled(req.Context(), slog.LevelDebug) {
+		f.log.Debug("request served", logkey.App, app.Name, logkey.AccessPoint, ap.Name,
+			logkey.Target, target, "method", req.Method, "status", resp.StatusCode)
+	}
 }
 
 // roundTripRace sends req for app through the access point that wins a race
@@ -216,6 +228,7 @@ func (f *httpFrontend) roundTripRace(req *http.Request, app *policy.App, plan po
 		f.log.Info("request failed", logkey.App, app.Name, logkey.Target, target, logkey.AccessPoint, ap.Name, logkey.Err, err)
 		return errorResponse(req, errorStatus(err), errorBody(err))
 	}
+	f.logServed(req, app, ap, target, resp)
 	return upstreamResponse(resp)
 }
 
