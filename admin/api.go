@@ -45,7 +45,7 @@ type PolicyStatus struct {
 // that keeps the listener's address.
 type ListenerStatus struct {
 	Listen    string   `json:"listen"`  // as written in the policy
-	Address   string   `json:"address"` // where it accepts, with the port the kernel chose
+	Address   string   `json:"address"` // bound address, with the port the kernel chose
 	Protocol  string   `json:"protocol"`
 	App       string   `json:"app,omitempty"`   // when the port identifies the app
 	Users     []string `json:"users,omitempty"` // when credentials do

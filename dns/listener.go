@@ -118,8 +118,8 @@ func (l *Listener) Stats() ListenerStats {
 	return ListenerStats{Queries: l.queries.Load(), Refused: l.refused.Load(), Failed: l.failed.Load()}
 }
 
-// listenerState is what a Listener answers with: its configuration and
-// the logger that names its app.
+// listenerState is the state a Listener replies from: its configuration
+// and the logger that names its app.
 type listenerState struct {
 	cfg ListenerConfig
 	log *slog.Logger

@@ -134,16 +134,18 @@ var relayBytes struct {
 var smallBuffers = sync.Pool{New: func() any { return new([smallCopySize]byte) }}
 
 // spliceCopy copies from src to dst until src ends, adding the bytes to
-// count as they leave for dst: through a small buffer at first, and with
-// splice(2) once the bytes come in bulk. It reports handled false when it
-// stops with no byte lost and the caller should copy the rest through a
-// buffer of its own: when no pipe can be had (out of file descriptors), or
-// when the kernel cannot splice these sockets before any byte has moved.
+// count as they leave for dst. It copies through a small buffer at first,
+// and with splice(2) once the bytes come in bulk.
 //
-// It waits for src to become readable holding neither buffer nor pipe:
-// each read or splice after a wake-up takes one from its pool, and one that
-// finds nothing to read returns it before the goroutine parks in the
-// runtime's poller. An idle tunnel therefore holds neither.
+// It reports handled false when it stops with no byte lost and the caller
+// should copy the rest through a buffer of its own. That happens when no
+// pipe can be had (out of file descriptors), or when the kernel cannot
+// splice these sockets before any byte has moved.
+//
+// It waits for src to become readable holding neither buffer nor pipe.
+// Each read or splice after a wake-up takes one from its pool, and one
+// that finds nothing to read returns it before the goroutine parks in the
+// runtime's poller, so an idle tunnel holds neither.
 func spliceCopy(dst, src *net.TCPConn, count *atomic.Int64) (handled bool, err error) {
 	srcRaw, err := src.SyscallConn()
 	if err != nil {
@@ -209,9 +211,8 @@ type spliceState struct {
 }
 
 // fill reads what src has received into the buffer or, in bulk, splices it
-// into the pipe. It returns false, which parks the goroutine until src is
-// readable, when there is nothing to read; it then hands the buffer or
-// pipe back first.
+// into the pipe. When there is nothing to read, it hands the buffer or pipe
+// back and returns false, which parks the goroutine until src is readable.
 func (s *spliceState) fill(fd uintptr) bool {
 	if !s.bulk {
 		return s.read(fd)

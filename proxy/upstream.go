@@ -98,7 +98,7 @@ func (u *upstream) closeWithReason(reason string) error {
 				"bytes_up", info.BytesUp, "bytes_down", info.BytesDown,
 				"duration", time.Since(info.Started).Round(time.Millisecond)}
 			if info.Reason != "" {
-				attrs = append(attrs, "reason", info.Reason) // why iapd closed it; none when an end did
+				attrs = append(attrs, "reason", info.Reason) // iapd's reason for closing; absent when an end closed it
 			}
 			u.s.logger.Debug("connection closed", attrs...)
 		}

@@ -166,7 +166,7 @@ func measurePeerMemory(ctx context.Context, opts *options, env *environment, res
 
 // runPeerMemory reads the peer's usage before and with up to want idle
 // tunnels open. A peer of one process gets as many as fit under its file
-// limit, as iapd does, and the note says so when that is fewer.
+// limit, as iapd does, and the returned note explains when that is fewer.
 func runPeerMemory(ctx context.Context, p *peer, env *environment, want, workers int) (before, with treeUsage, tunnels int, note string, err error) {
 	time.Sleep(settleTime)
 	pid := p.cmd.Process.Pid

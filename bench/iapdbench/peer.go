@@ -116,7 +116,7 @@ func findPeers(list string) (kinds []peerKind, notes []string, err error) {
 	return kinds, notes, nil
 }
 
-// checkPeerList reports an error when list is none of "auto", "none" and a
+// checkPeerList returns an error unless list is "auto", "none", or a
 // comma-separated list of known peers, each named once.
 func checkPeerList(list string) error {
 	if list == "auto" || list == "none" || list == "" {

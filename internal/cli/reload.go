@@ -16,10 +16,10 @@ import (
 
 // reloadLocked loads the policy file and applies it in two phases. The
 // first checks everything and opens every new socket, proxy and DNS
-// listeners alike; when anything fails, it closes what it opened and the
-// running policy stays in place. The second cannot fail: it swaps the
-// policy into the interface manager, resolvers and listeners. d.reloadMu
-// must be held.
+// listeners alike. When anything fails, it closes what it opened, so the
+// running policy stays in place. The second phase cannot fail: it swaps
+// the policy into the interface manager, resolvers and listeners.
+// d.reloadMu must be held.
 func (d *daemon) reloadLocked() (*admin.ReloadReport, error) {
 	old := d.Policy()
 	p, err := policy.Load(old.Path)
